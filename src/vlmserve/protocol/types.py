@@ -1,0 +1,116 @@
+"""Internal messages between the HTTP layer and the engine: plain dataclasses, no torch, no pydantic.
+
+`EngineRequest` goes in, `EngineOutput` (token deltas) comes out. Both are plain data so that the
+boundary can later become a process boundary without touching the scheduler.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class FinishReason(enum.Enum):
+    """Why a request ended. `value` is what the OpenAI API reports (abort and error never reach it)."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+    ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Per-request sampling settings, already validated at the HTTP edge.
+
+    temperature == 0 means greedy. top_k == -1 means off. seed None means "not reproducible".
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_tokens: int = 1024
+    seed: int | None = None
+    # stop strings: generation ends when the text contains one; it is cut before the match.
+    stop: tuple[str, ...] = ()
+    # extra token ids that end generation besides the tokenizer's eos ids
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    repetition_penalty: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class ImageInput:
+    """One image of a request, preprocessed into tiles, and where its tokens sit in the prompt.
+
+    pixel_values: torch.Tensor of shape [num_tiles, 3, tile_size, tile_size], float32 in [0, 1]
+    (normalisation happens inside the vision encoder).
+    """
+
+    pixel_values: Any
+    num_tiles: int
+    # hex digest of the decoded pixels plus the preprocessing settings (cache key)
+    content_hash: str
+    # index in prompt_token_ids of the first image-context token of this image
+    offset: int
+    # number of image-context tokens (= num_tiles * tokens_per_tile); features replace exactly these
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    """A request as the engine sees it: token ids, images with their positions, sampling settings."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    images: list[ImageInput] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class EngineOutput:
+    """A delta for one request: the token ids generated since the last output.
+
+    finish_reason is set on the last output of a request; error carries the message when
+    finish_reason is ERROR.
+    """
+
+    request_id: str
+    new_token_ids: list[int]
+    num_prompt_tokens: int
+    num_output_tokens: int
+    # decoded text of new_token_ids (filled by the AsyncEngine's detokenizer; never a broken UTF-8 char)
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    # the stop string or stop token id that ended the request, if one did
+    stop_reason: str | int | None = None
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True, slots=True)
+class TextPart:
+    """A text part of a message's content."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ImagePart:
+    """An image part: `url` is a data URL or an http(s) URL; detail is "auto", "low" or "high"."""
+
+    url: str
+    detail: str = "auto"
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    """A validated chat message. String content of user messages may still hold <img src> tags;
+    the input preprocessor parses them (never inside TextPart)."""
+
+    role: str
+    content: str | list[TextPart | ImagePart] | None
