@@ -51,36 +51,50 @@ class ServerConfig:
         env=("VLMSERVE_DTYPE",),
         choices=("auto", "float32", "bfloat16", "float16"),
     )
-    device: str = setting("auto", "cpu, cuda or auto.", env=("VLMSERVE_DEVICE",), choices=("auto", "cpu", "cuda"))
+    device: str = setting(
+        "auto", "cpu, cuda or auto.", env=("VLMSERVE_DEVICE",), choices=("auto", "cpu", "cuda")
+    )
     num_threads: int = setting(
         0, "torch intra-op threads for the model; 0: the cores available.", env=("VLMSERVE_NUM_THREADS",)
     )
-    max_images_per_prompt: int = setting(4, "Most images one request may carry.", env=("NIM_MAX_IMAGES_PER_PROMPT",))
-    max_tiles: int = setting(12, "Most tiles one image is cut into (a thumbnail is added beyond one).",
-                             env=("VLMSERVE_MAX_TILES",))
+    max_images_per_prompt: int = setting(
+        4, "Most images one request may carry.", env=("NIM_MAX_IMAGES_PER_PROMPT",)
+    )
+    max_tiles: int = setting(
+        12, "Most tiles one image is cut into (a thumbnail is added beyond one).", env=("VLMSERVE_MAX_TILES",)
+    )
     image_max_bytes: int = setting(
         20 * 1024 * 1024, "Largest encoded image, data URL or fetched.", env=("VLMSERVE_IMAGE_MAX_BYTES",)
     )
     image_max_pixels: int = setting(
-        40_000_000, "Largest decoded image (width x height); bigger is refused before decoding.",
+        40_000_000,
+        "Largest decoded image (width x height); bigger is refused before decoding.",
         env=("VLMSERVE_IMAGE_MAX_PIXELS",),
     )
     image_fetch_timeout: float = setting(
-        10.0, "Seconds to connect to, and between reads from, an image URL.", env=("VLMSERVE_IMAGE_FETCH_TIMEOUT",)
+        10.0,
+        "Seconds to connect to, and between reads from, an image URL.",
+        env=("VLMSERVE_IMAGE_FETCH_TIMEOUT",),
     )
-    image_fetch_max_redirects: int = setting(3, "Redirects followed when fetching an image.",
-                                             env=("VLMSERVE_IMAGE_FETCH_MAX_REDIRECTS",))
+    image_fetch_max_redirects: int = setting(
+        3, "Redirects followed when fetching an image.", env=("VLMSERVE_IMAGE_FETCH_MAX_REDIRECTS",)
+    )
     allow_private_image_urls: bool = setting(
-        False, "Allow image URLs on loopback, private and link-local addresses.",
+        False,
+        "Allow image URLs on loopback, private and link-local addresses.",
         env=("VLMSERVE_ALLOW_PRIVATE_IMAGE_URLS",),
     )
-    seed: int = setting(0, "Seed for random weights of the default model's untrained vision half.",
-                        env=("VLMSERVE_SEED",))
+    seed: int = setting(
+        0, "Seed for random weights of the default model's untrained vision half.", env=("VLMSERVE_SEED",)
+    )
     cache_dir: str = setting(
         str(default_cache_dir()), "Where the default model is assembled.", env=("VLMSERVE_CACHE_DIR",)
     )
     log_level: str = setting(
-        "INFO", "Log level.", env=("NIM_LOG_LEVEL",), choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+        "INFO",
+        "Log level.",
+        env=("NIM_LOG_LEVEL",),
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
     )
 
     def __post_init__(self) -> None:
@@ -98,7 +112,9 @@ class ServerConfig:
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
-                raise ConfigError(f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+                raise ConfigError(
+                    f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}"
+                )
 
 
 def _check_range(name: str, value: int, low: int, high: int) -> None:

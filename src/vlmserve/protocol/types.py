@@ -38,6 +38,10 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # None: no logprobs; k >= 0: the sampled token's logprob plus the k most likely alternatives
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +72,16 @@ class EngineRequest:
     images: list[ImageInput] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """The log-probability of one generated token and the top alternatives at that step."""
+
+    token_id: int
+    logprob: float
+    # (token_id, logprob) pairs, most likely first
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass(slots=True)
 class EngineOutput:
     """A delta for one request: the token ids generated since the last output.
@@ -86,6 +100,8 @@ class EngineOutput:
     # the stop string or stop token id that ended the request, if one did
     stop_reason: str | int | None = None
     error: str | None = None
+    # one entry per new token when the request asked for logprobs, else empty
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:

@@ -1,0 +1,165 @@
+"""Turns a ServerConfig into a running ModelServer: resolve the checkpoint (or assemble the default
+model), pick device, dtype and threads, load weights, tokenizer and processor, start the engine.
+
+Blocking; the HTTP layer runs it in a background thread while /v1/health/ready answers 503.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlmserve.config import ConfigError, ServerConfig
+from vlmserve.engine.async_engine import AsyncEngine
+from vlmserve.engine.engine_core import EngineCore
+from vlmserve.inputs.preprocess import InputPreprocessor
+from vlmserve.inputs.tokenizer import eos_token_ids, load_tokenizer
+from vlmserve.models.registry import load_model
+from vlmserve.runner.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelServer:
+    """What the HTTP layer serves: the engine, the input preprocessor and facts about the model."""
+
+    engine: AsyncEngine
+    preprocessor: InputPreprocessor
+    tokenizer: Any
+    served_model_name: str
+    max_model_len: int
+    created: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    async def aclose(self) -> None:
+        await self.preprocessor.aclose()
+        await self.engine.aclose()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 matmuls (AVX-512 BF16 or AMX), where bf16 beats fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_model_dir(config: ServerConfig) -> tuple[Path, str, str | None]:
+    """(checkpoint dir, served name, description for the start log)."""
+    if config.model:
+        path = Path(config.model).expanduser()
+        if not path.is_dir():
+            raise ConfigError(f"model: {path} is not a directory")
+        return path, config.served_model_name or path.name, None
+    from vlmserve.models import default_model
+
+    path = default_model.ensure_default_model(Path(config.cache_dir), seed=config.seed)
+    name = config.served_model_name or default_model.DEFAULT_SERVED_MODEL_NAME
+    return path, name, default_model.DEFAULT_MODEL_DESCRIPTION
+
+
+def model_context_length(hf_config: dict[str, Any]) -> int:
+    llm = hf_config.get("llm_config") or hf_config.get("text_config") or hf_config
+    lengths = [hf_config.get("max_sequence_length"), llm.get("max_position_embeddings")]
+    known = [n for n in lengths if isinstance(n, int) and n > 0]
+    if not known:
+        raise ConfigError("the checkpoint's config.json gives no context length; set --max-model-len")
+    return min(known)
+
+
+def _import(path: str) -> Any:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_model_server(config: ServerConfig) -> ModelServer:
+    """Loads everything and starts the engine thread. Raises ConfigError / ModelLoadError."""
+    started = time.perf_counter()
+    model_dir, served_name, description = resolve_model_dir(config)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    torch.set_num_threads(config.num_threads or available_cores())
+    loaded = load_model(model_dir, dtype=dtype, device=device)
+    max_model_len = _max_model_len(config, loaded.config)
+    tokenizer = load_tokenizer(model_dir)
+    processor = _import(loaded.family.processor)(loaded.config, tokenizer, max_tiles=config.max_tiles)
+    runner = ModelRunner(loaded.model, device=device, dtype=dtype)
+    runner.warm_up()
+    eos = eos_token_ids(model_dir, tokenizer)
+    engine = AsyncEngine(
+        lambda sink: EngineCore(runner, eos_token_ids=eos, max_model_len=max_model_len, sink=sink), tokenizer
+    )
+    architecture = loaded.config["architectures"][0]
+    logger.info(
+        "loaded %s (%s) from %s on %s as %s with %d threads in %.1f s; max_model_len %d",
+        served_name,
+        architecture,
+        model_dir,
+        device,
+        str(dtype).removeprefix("torch."),
+        torch.get_num_threads(),
+        time.perf_counter() - started,
+        max_model_len,
+    )
+    if description:
+        logger.info("%s", description)
+    return ModelServer(
+        engine=engine,
+        preprocessor=InputPreprocessor(tokenizer, processor, config),
+        tokenizer=tokenizer,
+        served_model_name=served_name,
+        max_model_len=max_model_len,
+        created=int(time.time()),
+        metadata={
+            "architecture": architecture,
+            "model_path": str(model_dir),
+            "dtype": str(dtype).removeprefix("torch."),
+            "device": str(device),
+            "num_threads": torch.get_num_threads(),
+            "tokens_per_tile": processor.tokens_per_tile,
+            "tile_size": getattr(processor, "tile_size", None),
+            "max_tiles": config.max_tiles,
+            "max_images_per_prompt": config.max_images_per_prompt,
+        },
+    )
+
+
+def _max_model_len(config: ServerConfig, hf_config: dict[str, Any]) -> int:
+    limit = model_context_length(hf_config)
+    if config.max_model_len is None:
+        return limit
+    if config.max_model_len > limit:
+        raise ConfigError(f"max_model_len {config.max_model_len} is over the model's context length {limit}")
+    return config.max_model_len
