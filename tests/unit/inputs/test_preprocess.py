@@ -1,0 +1,150 @@
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.unit.inputs.helpers import SMALL_TILE_CONFIG, encode_image, png_data_url
+from vlmserve.config import ServerConfig
+from vlmserve.errors import ImageLoadError, InvalidRequestError, UnsupportedMediaTypeError
+from vlmserve.inputs.nemotron_vl import NemotronVLProcessor
+from vlmserve.inputs.preprocess import InputPreprocessor, PreparedPrompt
+from vlmserve.protocol.types import ChatMessage, ImagePart, TextPart
+
+PNG = encode_image(Image.new("RGB", (64, 32), (0, 128, 255)))
+
+
+class _Body(httpx.AsyncByteStream):
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    async def __aiter__(self) -> Any:
+        yield self.data
+
+
+def _refuse(request: httpx.Request) -> httpx.Response:
+    raise AssertionError(f"nothing should be fetched, got {request.url}")
+
+
+def _preprocessor(tokenizer: Any, handler: Any = _refuse, **settings: Any) -> InputPreprocessor:
+    config = ServerConfig(**({"allow_private_image_urls": True} | settings))
+    processor = NemotronVLProcessor(SMALL_TILE_CONFIG, tokenizer, max_tiles=12)
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    return InputPreprocessor(tokenizer, processor, config, client=client)
+
+
+def _hf_ids(
+    tokenizer: Any, messages: list[dict[str, str]], tiles: list[int], completion: bool = False
+) -> list[int]:
+    """Render with "<image>\\n" in the text, expand each <image> to <img><image>*N</img>, tokenize."""
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=not completion, continue_final_message=completion
+    )
+    pieces = text.split("<image>")
+    expanded = pieces[0]
+    for num_tiles, piece in zip(tiles, pieces[1:], strict=True):
+        expanded += "<img>" + "<image>" * (4 * num_tiles) + "</img>" + piece
+    return tokenizer(expanded, add_special_tokens=False)["input_ids"]
+
+
+def _check_spans(prepared: PreparedPrompt, image_token_id: int) -> None:
+    for image in prepared.images:
+        span = prepared.prompt_token_ids[image.offset:image.offset + image.length]
+        assert span == [image_token_id] * image.length
+        assert image.pixel_values.shape[0] == image.num_tiles
+
+
+async def test_list_and_tag_images_in_place(tiny_tokenizer: Any) -> None:
+    handler = lambda request: httpx.Response(200, stream=_Body(PNG))  # noqa: E731
+    preprocessor = _preprocessor(tiny_tokenizer, handler)
+    messages = [
+        ChatMessage("system", "Be brief."),
+        ChatMessage("user", [ImagePart(png_data_url(32, 32)), TextPart("What is this?")]),
+        ChatMessage("assistant", "A square."),
+        ChatMessage("user", f'Compare <img src="{png_data_url(20, 90)}" /> with <img src="http://127.0.0.1/a">'),
+    ]
+    prepared = await preprocessor.prepare(messages, completion_mode=False)
+    await preprocessor.aclose()
+    tiles = [image.num_tiles for image in prepared.images]
+    assert tiles == [1, 6, 3]
+    hf_messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "<image>\nWhat is this?"},
+        {"role": "assistant", "content": "A square."},
+        {"role": "user", "content": "Compare <image>\n with <image>\n"},
+    ]
+    assert prepared.prompt_token_ids == _hf_ids(tiny_tokenizer, hf_messages, tiles)
+    _check_spans(prepared, preprocessor.processor.image_token_id)
+    assert len({image.content_hash for image in prepared.images}) == 3
+
+
+async def test_completion_mode(tiny_tokenizer: Any) -> None:
+    preprocessor = _preprocessor(tiny_tokenizer)
+    messages = [ChatMessage("user", [ImagePart(png_data_url(32, 32)), TextPart("Hi")]),
+                ChatMessage("assistant", "Sure, the")]
+    prepared = await preprocessor.prepare(messages, completion_mode=True)
+    hf_messages = [{"role": "user", "content": "<image>\nHi"}, {"role": "assistant", "content": "Sure, the"}]
+    assert prepared.prompt_token_ids == _hf_ids(tiny_tokenizer, hf_messages, [1], completion=True)
+    empty = await preprocessor.prepare([messages[0], ChatMessage("assistant", None)], completion_mode=True)
+    plain = await preprocessor.prepare(messages[:1], completion_mode=False)
+    assert empty.prompt_token_ids == plain.prompt_token_ids
+    await preprocessor.aclose()
+
+
+async def test_too_many_images_refused_before_loading(tiny_tokenizer: Any) -> None:
+    preprocessor = _preprocessor(tiny_tokenizer, max_images_per_prompt=2)
+    bad = "data:image/gif;base64,R0lGODlh"  # would be a 415 if it were decoded
+    messages = [ChatMessage("user", [ImagePart(bad), ImagePart("http://10.0.0.1/a.png"), ImagePart(bad)])]
+    with pytest.raises(InvalidRequestError, match="at most 2 images") as info:
+        await preprocessor.prepare(messages, completion_mode=False)
+    assert info.value.param == "messages"
+    await preprocessor.aclose()
+
+
+async def test_image_errors_surface(tiny_tokenizer: Any) -> None:
+    preprocessor = _preprocessor(tiny_tokenizer, handler=lambda request: httpx.Response(404))
+    with pytest.raises(UnsupportedMediaTypeError):
+        await preprocessor.prepare([ChatMessage("user", [ImagePart("data:image/webp;base64,AAAA")])],
+                                   completion_mode=False)
+    with pytest.raises(ImageLoadError, match="HTTP 404"):
+        await preprocessor.prepare([ChatMessage("user", [ImagePart("http://127.0.0.1/x.png")])],
+                                   completion_mode=False)
+    await preprocessor.aclose()
+
+
+async def test_loads_run_concurrently_and_a_failure_cancels_the_rest(tiny_tokenizer: Any) -> None:
+    in_flight = 0
+    most_in_flight = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal in_flight, most_in_flight
+        in_flight += 1
+        most_in_flight = max(most_in_flight, in_flight)
+        await asyncio.sleep(10.0 if request.url.path == "/slow.png" else 0.2)
+        in_flight -= 1
+        return httpx.Response(200, stream=_Body(PNG))
+
+    preprocessor = _preprocessor(tiny_tokenizer, handler)
+    urls = [f"http://127.0.0.1/{i}.png" for i in range(3)]
+    messages = [ChatMessage("user", [ImagePart(url) for url in urls])]
+    prepared = await preprocessor.prepare(messages, completion_mode=False)
+    assert len(prepared.images) == 3 and most_in_flight == 3
+
+    started = time.monotonic()
+    parts = [ImagePart("http://127.0.0.1/slow.png"), ImagePart("data:image/png;base64,!!!")]
+    with pytest.raises(ImageLoadError, match="base64"):
+        await preprocessor.prepare([ChatMessage("user", parts)], completion_mode=False)
+    assert time.monotonic() - started < 5.0
+    await preprocessor.aclose()
+    assert preprocessor._client.is_closed
+
+
+async def test_image_token_in_text_is_refused(tiny_tokenizer: Any) -> None:
+    preprocessor = _preprocessor(tiny_tokenizer)
+    with pytest.raises(InvalidRequestError, match="image token"):
+        await preprocessor.prepare([ChatMessage("user", "describe <image> please")], completion_mode=False)
+    await preprocessor.aclose()
