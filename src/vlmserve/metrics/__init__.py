@@ -1,0 +1,1 @@
+"""Measurement (stats.py, plain dataclasses) kept apart from exposition (a later prometheus.py)."""
