@@ -1,4 +1,5 @@
-"""Parse a Llama_Nemotron_Nano_VL config.json dict into frozen dataclasses (docs/CHECKPOINT.md).
+"""Parse a checkpoint's config.json dict into frozen dataclasses: Llama_Nemotron_Nano_VL (docs/CHECKPOINT.md)
+and Idefics3 (SmolVLM).
 
 Owns key names, defaults and validation; knows nothing about weights except the one shape the
 Hub's remote-code RADIO form needs (the summary-token count). Bad or missing keys raise
@@ -306,3 +307,98 @@ def _check_geometry(config: NemotronVLConfig) -> None:
             "config.json: keys 'force_image_size', 'patch_size', 'downsample_ratio' must give a patch grid "
             "divisible by 1/downsample_ratio"
         )
+
+
+@dataclass(frozen=True)
+class SiglipVisionConfig:
+    """The SigLIP tower of Idefics3 / SmolVLM (`vision_config`, model_type idefics3_vision)."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    # side of the square input the position table was trained for (512 for SmolVLM-256M)
+    image_size: int
+    patch_size: int
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu_pytorch_tanh"
+    num_channels: int = 3
+
+    @property
+    def num_patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass(frozen=True)
+class Idefics3Config:
+    """The whole Idefics3 VLM (SmolVLM checkpoints use this architecture)."""
+
+    text: LlamaConfig
+    vision: SiglipVisionConfig
+    # pixel shuffle factor of the connector: scale_factor^2 patches become one token
+    scale_factor: int
+    image_token_id: int
+    # top-level tie_word_embeddings (the text config's when absent): lm_head shares embed_tokens
+    tie_word_embeddings: bool
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """<image> tokens per sub-image: (image_size / patch)^2 / scale_factor^2."""
+        return self.vision.num_patches_per_side**2 // self.scale_factor**2
+
+
+_VISION_ACTIVATIONS = ("gelu", "gelu_pytorch_tanh")
+
+
+def parse_siglip_config(d: Mapping[str, Any], prefix: str = "vision_config.") -> SiglipVisionConfig:
+    hidden = _positive(_get(d, "hidden_size", int, prefix, 1152), f"{prefix}hidden_size")
+    heads = _positive(_get(d, "num_attention_heads", int, prefix, 16), f"{prefix}num_attention_heads")
+    if hidden % heads:
+        raise ModelLoadError(f"config.json: {prefix}hidden_size must be a multiple of num_attention_heads")
+    hidden_act = _get(d, "hidden_act", str, prefix, "gelu_pytorch_tanh")
+    if hidden_act not in _VISION_ACTIVATIONS:
+        raise ModelLoadError(
+            f"config.json: {prefix}hidden_act {hidden_act!r} is not supported "
+            f"({', '.join(_VISION_ACTIVATIONS)})"
+        )
+    image_size = _positive(_get(d, "image_size", int, prefix, 224), f"{prefix}image_size")
+    patch_size = _positive(_get(d, "patch_size", int, prefix, 32), f"{prefix}patch_size")
+    if image_size % patch_size:
+        raise ModelLoadError(f"config.json: {prefix}image_size must be a multiple of patch_size")
+    return SiglipVisionConfig(
+        hidden_size=hidden,
+        num_hidden_layers=_positive(
+            _get(d, "num_hidden_layers", int, prefix, 12), f"{prefix}num_hidden_layers"
+        ),
+        num_attention_heads=heads,
+        intermediate_size=_positive(
+            _get(d, "intermediate_size", int, prefix, 3072), f"{prefix}intermediate_size"
+        ),
+        image_size=image_size,
+        patch_size=patch_size,
+        layer_norm_eps=_get(d, "layer_norm_eps", float, prefix, 1e-6),
+        hidden_act=hidden_act,
+        num_channels=_get(d, "num_channels", int, prefix, 3),
+    )
+
+
+def parse_idefics3_config(raw: Mapping[str, Any], *, num_summary_tokens: int | None = None) -> Idefics3Config:
+    """config.json dict of an Idefics3ForConditionalGeneration checkpoint -> Idefics3Config.
+
+    Defaults are transformers' Idefics3Config defaults. `num_summary_tokens` is unused (the
+    registry passes it to every family's parser).
+    """
+    text = parse_llama_config(_get(raw, "text_config", dict, ""), prefix="text_config.")
+    vision = parse_siglip_config(_get(raw, "vision_config", dict, ""))
+    scale = _positive(_get(raw, "scale_factor", int, "", 2), "scale_factor")
+    if vision.num_patches_per_side % scale:
+        raise ModelLoadError(
+            "config.json: vision_config.image_size / patch_size must be divisible by 'scale_factor'"
+        )
+    return Idefics3Config(
+        text=text,
+        vision=vision,
+        scale_factor=scale,
+        image_token_id=_get(raw, "image_token_id", int, "", 128257),
+        tie_word_embeddings=_get(raw, "tie_word_embeddings", bool, "", text.tie_word_embeddings),
+    )

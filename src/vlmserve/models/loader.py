@@ -1,14 +1,17 @@
 """Safetensors checkpoint -> model parameters (docs/CHECKPOINT.md: one file or index + shards).
 
-Owns reading weights: the file map, header shapes, strict name/shape checks and the copy with a
-dtype cast. Never uses torch.load. Every failure is a ModelLoadError naming the file and tensor.
+Owns reading weights: the file map, header shapes, strict name/shape checks, the checkpoint -> module
+name mapping a model may declare (`WeightMapping`) and the copy with a dtype cast. Never uses
+torch.load. Every failure is a ModelLoadError naming the file and tensor.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import json
+import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,6 +23,57 @@ from vlmserve.errors import ModelLoadError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class RenameRule:
+    """Checkpoint fragment <-> module fragment, where the text before it matches `scope`.
+
+    With num_shards > 1 the checkpoint tensor is row block `shard` of `num_shards` equal blocks of the
+    module's tensor (e.g. `self_attn.q_proj.` is block 0 of 3 of a fused `attn.qkv.`).
+    """
+
+    # regex the name must match just before the fragment, e.g. r"\.encoder\.layers\.\d+\."
+    scope: str
+    checkpoint: str
+    model: str
+    shard: int = 0
+    num_shards: int = 1
+
+    def _sub(self, name: str, old: str, new: str) -> str | None:
+        renamed, count = re.subn(f"({self.scope}){re.escape(old)}", lambda m: m.group(1) + new, name, count=1)
+        return renamed if count else None
+
+
+@dataclass(frozen=True)
+class WeightMapping:
+    """How a model's module names differ from its checkpoint's: the first rule that applies renames.
+
+    A model declares one as the class attribute `weight_mapping`; names no rule covers are identical.
+    `to_checkpoint` is the inverse, for writing checkpoints in the original layout.
+    """
+
+    rules: tuple[RenameRule, ...]
+
+    def to_model(self, name: str) -> tuple[str, int, int]:
+        """Checkpoint name -> (module tensor name, shard, num_shards)."""
+        for rule in self.rules:
+            renamed = rule._sub(name, rule.checkpoint, rule.model)
+            if renamed is not None:
+                return renamed, rule.shard, rule.num_shards
+        return name, 0, 1
+
+    def to_checkpoint(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """Module tensor name -> checkpoint (name, tensor) pairs; a packed tensor gives one per shard."""
+        matches = [(rule, rule._sub(name, rule.model, rule.checkpoint)) for rule in self.rules]
+        matches = [(rule, renamed) for rule, renamed in matches if renamed is not None]
+        if not matches:
+            return [(name, tensor)]
+        blocks = tensor.chunk(matches[0][0].num_shards, dim=0)
+        return [(renamed, blocks[rule.shard]) for rule, renamed in matches]
+
+
+IDENTITY_MAPPING = WeightMapping(rules=())
 
 
 def checkpoint_files(model_dir: Path) -> dict[str, Path]:
@@ -70,29 +124,47 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
-def _check_names(
+# checkpoint name -> (module tensor name, shard, num_shards)
+_Plan = dict[str, tuple[str, int, int]]
+
+
+def _plan(
     model: nn.Module, targets: dict[str, torch.Tensor], files: dict[str, Path], model_dir: Path
-) -> list[str]:
-    """The checkpoint names to load; raises for unexpected or missing tensors."""
+) -> _Plan:
+    """Where each checkpoint tensor goes; raises for unexpected or missing tensors.
+
+    `ignored_checkpoint_keys` match checkpoint names, `optional_checkpoint_keys` module names.
+    """
+    mapping: WeightMapping = getattr(model, "weight_mapping", IDENTITY_MAPPING)
     ignored = getattr(model, "ignored_checkpoint_keys", ())
     optional = getattr(model, "optional_checkpoint_keys", ())
-    unexpected = [n for n in files if n not in targets and not _matches(n, ignored)]
+    plan = {name: mapping.to_model(name) for name in files}
+    unexpected = [
+        n for n, (target, _, _) in plan.items() if target not in targets and not _matches(n, ignored)
+    ]
     if unexpected:
         name = sorted(unexpected)[0]
         raise ModelLoadError(
             f"{files[name]}: unexpected tensor {name!r} ({len(unexpected)} unexpected in all)"
         )
-    missing = [n for n in targets if n not in files and not _matches(n, optional)]
+    shards_found: dict[str, int] = {}
+    for target, _, _ in plan.values():
+        shards_found[target] = shards_found.get(target, 0) + 1
+    expected = {target: num_shards for target, _, num_shards in plan.values()}
+    missing = [
+        n for n in targets if shards_found.get(n, 0) < expected.get(n, 1) and not _matches(n, optional)
+    ]
     if missing:
         raise ModelLoadError(
             f"{model_dir}: checkpoint lacks tensor {sorted(missing)[0]!r} ({len(missing)} missing in all)"
         )
-    return [n for n in files if n in targets]
+    return {name: entry for name, entry in plan.items() if entry[0] in targets}
 
 
 @torch.no_grad()
 def load_weights(model: nn.Module, model_dir: Path, *, progress: bool = True) -> None:
-    """Copy every checkpoint tensor into the parameter or persistent buffer of the same name.
+    """Copy every checkpoint tensor into the parameter or persistent buffer of the same name, after
+    the model's `weight_mapping` when it declares one (a packed tensor is filled shard by shard).
 
     Names must match exactly, except those the model declares in `ignored_checkpoint_keys`
     (checkpoint tensors it has no use for) and `optional_checkpoint_keys` (model tensors a
@@ -100,24 +172,28 @@ def load_weights(model: nn.Module, model_dir: Path, *, progress: bool = True) ->
     """
     files = checkpoint_files(Path(model_dir))
     targets = model.state_dict(keep_vars=True)
-    names = _check_names(model, targets, files, Path(model_dir))
+    plan = _plan(model, targets, files, Path(model_dir))
     by_file: dict[Path, list[str]] = {}
-    for name in names:
+    for name in plan:
         by_file.setdefault(files[name], []).append(name)
-    with tqdm(total=len(names), desc="Loading weights", unit="tensor", disable=not progress) as bar:
+    with tqdm(total=len(plan), desc="Loading weights", unit="tensor", disable=not progress) as bar:
         for path, file_names in sorted(by_file.items()):
-            _load_file(path, file_names, targets)
+            _load_file(path, file_names, plan, targets)
             bar.update(len(file_names))
 
 
-def _load_file(path: Path, names: list[str], targets: dict[str, torch.Tensor]) -> None:
+def _load_file(path: Path, names: list[str], plan: _Plan, targets: dict[str, torch.Tensor]) -> None:
     try:
         handle = safe_open(str(path), framework="pt", device="cpu")
     except Exception as exc:
         raise ModelLoadError(f"{path}: cannot read safetensors file ({exc})") from exc
     with handle as f:
         for name in names:
-            _copy_tensor(f, path, name, targets[name])
+            target_name, shard, num_shards = plan[name]
+            target = targets[target_name]
+            if num_shards > 1:
+                target = target.chunk(num_shards, dim=0)[shard]  # a view: the copy lands in the fused tensor
+            _copy_tensor(f, path, name, target)
 
 
 def _copy_tensor(f, path: Path, name: str, target: torch.Tensor) -> None:

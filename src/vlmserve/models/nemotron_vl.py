@@ -15,6 +15,7 @@ from torch import nn
 from vlmserve.layers.attention import KVCache
 from vlmserve.models.config import NemotronVLConfig
 from vlmserve.models.llama import LlamaForCausalLM
+from vlmserve.models.projector import pixel_shuffle as shuffle_patches
 from vlmserve.models.radio import RadioVisionModel
 
 
@@ -25,13 +26,7 @@ def pixel_shuffle(features: torch.Tensor, scale: float, ps_version: str = "v2") 
     (2i+1, 2j), (2i+1, 2j+1) in that order; "v2" swaps H and W back so rows stay rows ("v1"
     leaves them transposed, as the original InternVL did).
     """
-    n, h, w, c = features.shape
-    x = features.reshape(n, h, int(w * scale), int(c / scale))  # merge column pairs
-    x = x.permute(0, 2, 1, 3)  # [N, W*s, H, C/s]
-    x = x.reshape(n, int(w * scale), int(h * scale), int(c / (scale * scale)))  # merge row pairs
-    if ps_version == "v1":
-        return x
-    return x.permute(0, 2, 1, 3).contiguous()  # [N, H*s, W*s, C/s^2]
+    return shuffle_patches(features, round(1 / scale), keep_row_order=ps_version != "v1")
 
 
 def merge_image_features(

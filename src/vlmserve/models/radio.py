@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmserve.models.config import RadioConfig
+from vlmserve.models.vit import ViTBlock, ViTBlockConfig
 
 
 class InputConditioner(nn.Module):
@@ -88,56 +89,21 @@ class PatchGenerator(nn.Module):
         return torch.cat([summary, patches], dim=1)
 
 
-class Attention(nn.Module):
-    """Bidirectional multi-head attention with a fused qkv projection (timm layout)."""
-
-    def __init__(self, config: RadioConfig) -> None:
-        super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.hidden_size // config.num_attention_heads
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
-        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        batch, length, _ = hidden_states.shape
-        qkv = self.qkv(hidden_states).reshape(batch, length, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, L, head_dim]
-        out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, L, head_dim]
-        return self.proj(out.transpose(1, 2).reshape(batch, length, -1))
-
-
-class Mlp(nn.Module):
-    def __init__(self, config: RadioConfig) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(hidden_states)))
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block; C-RADIO has no LayerScale and no drop path at inference."""
-
-    def __init__(self, config: RadioConfig) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.attn = Attention(config)
-        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = Mlp(config)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = hidden_states + self.attn(self.norm1(hidden_states))
-        return hidden_states + self.mlp(self.norm2(hidden_states))
-
-
 class VisionTransformer(nn.Module):
     """`radio_model.model`: patch generator and blocks; no final norm."""
 
     def __init__(self, config: RadioConfig) -> None:
         super().__init__()
         self.patch_generator = PatchGenerator(config)
-        self.blocks = nn.ModuleList([Block(config) for _ in range(config.num_hidden_layers)])
+        block_config = ViTBlockConfig(
+            hidden_size=config.hidden_size,
+            num_attention_heads=config.num_attention_heads,
+            intermediate_size=config.intermediate_size,
+            layer_norm_eps=config.layer_norm_eps,
+            qkv_bias=config.qkv_bias,
+            hidden_act="gelu",
+        )
+        self.blocks = nn.ModuleList([ViTBlock(block_config) for _ in range(config.num_hidden_layers)])
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         hidden_states = self.patch_generator(pixel_values)

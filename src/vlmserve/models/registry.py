@@ -43,6 +43,11 @@ ARCHITECTURES: dict[str, ModelFamily] = {
         processor="vlmserve.inputs.nemotron_vl:NemotronVLProcessor",
         parse_config="vlmserve.models.config:parse_nemotron_vl_config",
     ),
+    "Idefics3ForConditionalGeneration": ModelFamily(
+        model="vlmserve.models.idefics3:Idefics3ForConditionalGeneration",
+        processor="vlmserve.inputs.idefics3:Idefics3Processor",
+        parse_config="vlmserve.models.config:parse_idefics3_config",
+    ),
 }
 
 
@@ -53,7 +58,7 @@ class LoadedModel:
     model: nn.Module
     # config.json as read
     raw_config: dict[str, Any]
-    # the family's parsed config dataclass (NemotronVLConfig)
+    # the family's parsed config dataclass (NemotronVLConfig, Idefics3Config)
     config: Any
     family: ModelFamily
 
