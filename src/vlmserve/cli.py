@@ -107,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as exc:
         serve.error(str(exc))
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.log_level != "DEBUG":
+        # httpx logs each image fetch with its URL at INFO: image URLs are request content (often signed)
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     from vlmserve.bootstrap import load_model_server  # torch and the model code load only to serve
 
     raise SystemExit(run_server(config, load_model_server))

@@ -1,6 +1,9 @@
 """End-to-end fixtures: real `vlmserve serve` subprocesses on 127.0.0.1 over a tiny checkpoint, the
 official `openai` SDK pointed at them, and a local image host (http.server in a thread, 127.0.0.1 only).
 
+Servers run torch on one thread: on a shared 2-core machine, two intra-op threads per server thrash
+(a request of a few ms can take seconds) while the tiny model gains nothing from them.
+
 - `server`: the tiny Nemotron-VL checkpoint under the seed's model id, image URLs on loopback allowed,
   fetch timeout 1.5 s, at most 4,000,000 pixels per image. Its readiness statuses seen during start-up
   are kept (`ready_statuses`, `loading_response`) for the "503 while loading" check.
@@ -12,7 +15,6 @@ official `openai` SDK pointed at them, and a local image host (http.server in a 
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -140,21 +142,23 @@ def _launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Launcher]:
 
 def _main_args(checkpoint: Path, served_model_name: str) -> list[str]:
     return [
-        "--model", str(checkpoint),
-        "--served-model-name", served_model_name,
-        "--dtype", "float32",
+        *("--model", str(checkpoint)),
+        *("--served-model-name", served_model_name),
+        *("--dtype", "float32"),
+        *("--num-threads", "1"),
         "--allow-private-image-urls",
-        "--image-fetch-timeout", "1.5",
-        "--image-max-pixels", "4000000",
+        *("--image-fetch-timeout", "1.5"),
+        *("--image-max-pixels", "4000000"),
     ]
 
 
 def _strict_args(checkpoint: Path, served_model_name: str) -> list[str]:
     return [
-        "--model", str(checkpoint),
-        "--served-model-name", served_model_name,
-        "--dtype", "float32",
-        "--max-model-len", str(STRICT_MAX_MODEL_LEN),
+        *("--model", str(checkpoint)),
+        *("--served-model-name", served_model_name),
+        *("--dtype", "float32"),
+        *("--num-threads", "1"),
+        *("--max-model-len", str(STRICT_MAX_MODEL_LEN)),
     ]
 
 
@@ -254,10 +258,3 @@ def image_host() -> Iterator[ImageHost]:
         stopping.set()
         httpd.shutdown()
         httpd.server_close()
-
-
-def json_or_text(response: httpx.Response) -> Any:
-    try:
-        return response.json()
-    except json.JSONDecodeError:
-        return response.text
