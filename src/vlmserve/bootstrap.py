@@ -1,5 +1,6 @@
 """Turns a ServerConfig into a running ModelServer: resolve the checkpoint (or assemble the default
-model), pick device, dtype and threads, load weights, tokenizer and processor, start the engine.
+model), pick device, dtype and threads, load weights, tokenizer and processor, size the paged KV
+cache from the memory budget, build the scheduler and runner, start the engine.
 
 Blocking; the HTTP layer runs it in a background thread while /v1/health/ready answers 503.
 """
@@ -19,8 +20,11 @@ import torch
 from vlmserve.config import ConfigError, ServerConfig
 from vlmserve.engine.async_engine import AsyncEngine
 from vlmserve.engine.engine_core import EngineCore
+from vlmserve.engine.kv_cache import KVCacheManager
+from vlmserve.engine.scheduler import Scheduler, SchedulerConfig
 from vlmserve.inputs.preprocess import InputPreprocessor
 from vlmserve.inputs.tokenizer import eos_token_ids, load_tokenizer
+from vlmserve.layers.attention import KVCacheSpec, PagedKVCache
 from vlmserve.models.registry import load_model
 from vlmserve.runner.model_runner import ModelRunner
 
@@ -125,11 +129,16 @@ def load_model_server(config: ServerConfig) -> ModelServer:
     max_model_len = _max_model_len(config, loaded.raw_config)
     tokenizer = load_tokenizer(model_dir)
     processor = _import(loaded.family.processor)(loaded.raw_config, tokenizer, max_tiles=config.max_tiles)
-    runner = ModelRunner(loaded.model, device=device, dtype=dtype)
-    runner.warm_up()
     eos = eos_token_ids(model_dir, tokenizer)
-    engine = AsyncEngine(
-        lambda sink: EngineCore(runner, eos_token_ids=eos, max_model_len=max_model_len, sink=sink), tokenizer
+    engine = build_engine(
+        config,
+        loaded.model,
+        tokenizer,
+        eos,
+        device=device,
+        dtype=dtype,
+        max_model_len=max_model_len,
+        max_image_tokens=processor.tokens_per_tile * (config.max_tiles + 1),
     )
     architecture = loaded.raw_config["architectures"][0]
     logger.info(
@@ -173,3 +182,102 @@ def _max_model_len(config: ServerConfig, hf_config: dict[str, Any]) -> int:
     if config.max_model_len > limit:
         raise ConfigError(f"max_model_len {config.max_model_len} is over the model's context length {limit}")
     return config.max_model_len
+
+
+# --- the engine --------------------------------------------------------------------------------
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+# the share of free memory the KV cache takes when --kv-cache-percent is not given
+DEFAULT_KV_CACHE_PERCENT = {"cuda": 0.9, "cpu": 0.3}
+
+
+def build_engine(
+    config: ServerConfig,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    eos: set[int],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_model_len: int,
+    max_image_tokens: int,
+) -> AsyncEngine:
+    """Sizes and allocates the KV pool, builds scheduler and runner, starts the engine thread.
+
+    max_image_tokens: the placeholder tokens of the largest image (tokens_per_tile x (max_tiles + 1)),
+    so that by default any one image fits in a step's token budget."""
+    spec = KVCacheSpec.from_model(model, dtype)
+    num_blocks = kv_cache_num_blocks(config, spec, device, max_model_len)
+    scheduler_config = SchedulerConfig(
+        max_num_batched_tokens=config.max_num_batched_tokens
+        or max(DEFAULT_MAX_NUM_BATCHED_TOKENS, max_image_tokens, config.max_num_seqs),
+        max_num_seqs=config.max_num_seqs,
+        max_waiting=config.max_queue,
+    )
+    kv_cache = PagedKVCache.allocate(spec, num_blocks, config.block_size, device=device)
+    runner = ModelRunner(model, kv_cache, device=device, dtype=dtype)
+    runner.warm_up()
+    logger.info(
+        "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB); %d tokens per step, %d requests at once",
+        num_blocks,
+        config.block_size,
+        num_blocks * config.block_size,
+        num_blocks * spec.bytes_per_block(config.block_size) / 2**30,
+        scheduler_config.max_num_batched_tokens,
+        scheduler_config.max_num_seqs,
+    )
+
+    def make_core(sink: Any) -> EngineCore:
+        manager = KVCacheManager(
+            num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
+        )
+        scheduler = Scheduler(scheduler_config, manager, eos_token_ids=eos)
+        return EngineCore(scheduler, runner, max_model_len=max_model_len, sink=sink)
+
+    return AsyncEngine(make_core, tokenizer, max_waiting_requests=config.max_num_seqs + config.max_queue)
+
+
+def kv_cache_num_blocks(
+    config: ServerConfig, spec: KVCacheSpec, device: torch.device, max_model_len: int
+) -> int:
+    """--num-kv-blocks, or as many blocks as the budget (a share of free memory) holds, up to
+    max_num_seqs requests of max_model_len; at least one max_model_len request's worth, else ConfigError."""
+    bytes_per_block = spec.bytes_per_block(config.block_size)
+    if config.num_kv_blocks:
+        num_blocks, source = config.num_kv_blocks, f"num_kv_blocks {config.num_kv_blocks}"
+    else:
+        percent = config.kv_cache_percent or DEFAULT_KV_CACHE_PERCENT.get(device.type, 0.3)
+        budget = int(free_memory_bytes(device) * percent)
+        source = f"kv_cache_percent {percent} of free memory ({budget / 2**30:.2f} GiB)"
+        # never more than every running request at full length: the pool is zero-filled up front,
+        # and a small model would otherwise take (and write) gigabytes it cannot use
+        num_blocks = min(
+            budget // bytes_per_block, config.max_num_seqs * -(-max_model_len // config.block_size)
+        )
+    needed = -(-max_model_len // config.block_size)
+    if num_blocks < needed:
+        raise ConfigError(
+            f"the KV cache ({source}) holds {num_blocks * config.block_size} tokens, less than "
+            f"max_model_len {max_model_len} ({needed * bytes_per_block / 2**30:.2f} GiB): lower "
+            "--max-model-len or raise --kv-cache-percent / --num-kv-blocks"
+        )
+    return num_blocks
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory free for the KV cache now (weights loaded): the CUDA device's free memory, or on CPU
+    the kernel's MemAvailable (psutil when /proc/meminfo is missing)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+    except ImportError as exc:
+        raise ConfigError("cannot measure free memory here: set --num-kv-blocks") from exc
+    return int(psutil.virtual_memory().available)

@@ -8,6 +8,7 @@ message naming the setting.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,7 @@ class ServerConfig:
     )
     dtype: str = setting(
         "auto",
-        "Weights and compute dtype; auto: bfloat16 where supported (CPU with AVX-512 bf16, CUDA), else float32.",
+        "Weights and compute dtype; auto: bfloat16 on CUDA, on CPU the faster of bfloat16 and float32 here.",
         env=("VLMSERVE_DTYPE",),
         choices=("auto", "float32", "bfloat16", "float16"),
     )
@@ -57,11 +58,45 @@ class ServerConfig:
     num_threads: int = setting(
         0, "torch intra-op threads for the model; 0: the cores available.", env=("VLMSERVE_NUM_THREADS",)
     )
+    block_size: int = setting(16, "Tokens per KV cache block.", env=("VLMSERVE_BLOCK_SIZE",))
+    num_kv_blocks: int = setting(
+        0,
+        "KV cache blocks; 0: as many as --kv-cache-percent of free memory holds.",
+        env=("VLMSERVE_NUM_KV_BLOCKS",),
+    )
+    kv_cache_percent: float | None = setting(
+        None,
+        "Fraction (0 to 1] of the memory free after loading the model that the KV cache takes; "
+        "default: 0.9 on CUDA, 0.3 on CPU.",
+        env=("NIM_KV_CACHE_PERCENT",),
+    )
+    enable_prefix_caching: bool = setting(
+        True,
+        "Reuse the KV cache of earlier requests' identical prompt prefixes (images included).",
+        env=("NIM_ENABLE_KV_CACHE_REUSE",),
+    )
+    max_num_batched_tokens: int = setting(
+        0,
+        "Most tokens computed in one engine step, all requests together; 0: 2048, or more when one image "
+        "of --max-tiles tiles needs more.",
+        env=("VLMSERVE_MAX_NUM_BATCHED_TOKENS",),
+    )
+    max_num_seqs: int = setting(64, "Most requests running at once.", env=("VLMSERVE_MAX_NUM_SEQS",))
+    max_queue: int = setting(
+        256, "Most requests waiting to start; beyond it requests get 503.", env=("VLMSERVE_MAX_QUEUE",)
+    )
     max_images_per_prompt: int = setting(
         4, "Most images one request may carry.", env=("NIM_MAX_IMAGES_PER_PROMPT",)
     )
     max_tiles: int = setting(
         12, "Most tiles one image is cut into (a thumbnail is added beyond one).", env=("VLMSERVE_MAX_TILES",)
+    )
+    default_image_detail: str = setting(
+        "high",
+        "Tile budget for images whose detail is auto (and for <img> tags): low = one tile "
+        "(the whole image resized), high = --max-tiles.",
+        env=("VLMSERVE_DEFAULT_IMAGE_DETAIL",),
+        choices=("low", "high"),
     )
     image_max_bytes: int = setting(
         20 * 1024 * 1024, "Largest encoded image, data URL or fetched.", env=("VLMSERVE_IMAGE_MAX_BYTES",)
@@ -76,6 +111,11 @@ class ServerConfig:
         "Seconds to connect to, and between reads from, an image URL.",
         env=("VLMSERVE_IMAGE_FETCH_TIMEOUT",),
     )
+    image_fetch_total_timeout: float = setting(
+        30.0,
+        "Seconds one image URL fetch may take in all (DNS, redirects and body included).",
+        env=("VLMSERVE_IMAGE_FETCH_TOTAL_TIMEOUT",),
+    )
     image_fetch_max_redirects: int = setting(
         3, "Redirects followed when fetching an image.", env=("VLMSERVE_IMAGE_FETCH_MAX_REDIRECTS",)
     )
@@ -83,6 +123,23 @@ class ServerConfig:
         False,
         "Allow image URLs on loopback, private and link-local addresses.",
         env=("VLMSERVE_ALLOW_PRIVATE_IMAGE_URLS",),
+    )
+    image_url_allowed_domains: tuple[str, ...] = setting(
+        (),
+        "Comma-separated hosts image URLs (and their redirects) may use: example.com matches that host "
+        "only, *.example.com its subdomains. Empty: any host.",
+        env=("VLMSERVE_IMAGE_URL_ALLOWED_DOMAINS",),
+    )
+    asset_max_bytes: int = setting(
+        20 * 1024 * 1024, "Largest uploaded image asset.", env=("VLMSERVE_ASSET_MAX_BYTES",)
+    )
+    asset_ttl_seconds: float = setting(
+        3600.0, "Seconds an uploaded image asset is kept.", env=("VLMSERVE_ASSET_TTL_SECONDS",)
+    )
+    asset_store_max_bytes: int = setting(
+        512 * 1024 * 1024,
+        "Memory for uploaded image assets in all; the oldest are evicted to make room.",
+        env=("VLMSERVE_ASSET_STORE_MAX_BYTES",),
     )
     seed: int = setting(
         0, "Seed for random weights of the default model's untrained vision half.", env=("VLMSERVE_SEED",)
@@ -104,11 +161,38 @@ class ServerConfig:
         _check_range("image_max_bytes", self.image_max_bytes, 1, 1 << 40)
         _check_range("image_max_pixels", self.image_max_pixels, 1, 1 << 40)
         _check_range("image_fetch_max_redirects", self.image_fetch_max_redirects, 0, 20)
+        _check_range("asset_max_bytes", self.asset_max_bytes, 1, 1 << 40)
+        _check_range("asset_store_max_bytes", self.asset_store_max_bytes, 1, 1 << 42)
+        if self.asset_store_max_bytes < self.asset_max_bytes:
+            raise ConfigError(
+                f"asset_store_max_bytes ({self.asset_store_max_bytes}) must be at least "
+                f"asset_max_bytes ({self.asset_max_bytes})"
+            )
         _check_range("num_threads", self.num_threads, 0, 4096)
+        _check_range("block_size", self.block_size, 1, 1024)
+        _check_range("num_kv_blocks", self.num_kv_blocks, 0, 1 << 40)
+        if self.kv_cache_percent is not None and not 0 < self.kv_cache_percent <= 1:
+            raise ConfigError(f"kv_cache_percent must be in (0, 1], got {self.kv_cache_percent}")
+        _check_range("max_num_seqs", self.max_num_seqs, 1, 1 << 16)
+        _check_range("max_queue", self.max_queue, 0, 1 << 20)
+        if self.max_num_batched_tokens != 0 and self.max_num_batched_tokens < self.max_num_seqs:
+            raise ConfigError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be 0 or at least "
+                f"max_num_seqs ({self.max_num_seqs}): every running request's decode must fit in a step"
+            )
+        _check_range("max_num_batched_tokens", self.max_num_batched_tokens, 0, 1 << 24)
         if self.max_model_len is not None:
             _check_range("max_model_len", self.max_model_len, 16, 1 << 24)
         if not self.image_fetch_timeout > 0:
             raise ConfigError(f"image_fetch_timeout must be > 0, got {self.image_fetch_timeout}")
+        if not self.image_fetch_total_timeout > 0:
+            raise ConfigError(f"image_fetch_total_timeout must be > 0, got {self.image_fetch_total_timeout}")
+        if not self.asset_ttl_seconds > 0:
+            raise ConfigError(f"asset_ttl_seconds must be > 0, got {self.asset_ttl_seconds}")
+        if isinstance(self.image_url_allowed_domains, str):
+            raise ConfigError("image_url_allowed_domains must be a tuple of hosts, not a string")
+        for pattern in self.image_url_allowed_domains:
+            _check_domain_pattern(pattern)
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -120,3 +204,21 @@ class ServerConfig:
 def _check_range(name: str, value: int, low: int, high: int) -> None:
     if not low <= value <= high:
         raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+
+
+def _check_domain_pattern(pattern: str) -> None:
+    """A host name or IP literal, or *. and a host name: no scheme, port, path or other wildcard."""
+    name = pattern.removeprefix("*.")
+    is_ipv6 = ":" in name and _is_ip_address(name)
+    if not name or (any(c in name for c in "*/:@[] ") and not is_ipv6):
+        raise ConfigError(
+            f"image_url_allowed_domains: {pattern!r} must be a host (example.com) or *.example.com"
+        )
+
+
+def _is_ip_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True

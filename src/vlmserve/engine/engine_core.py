@@ -1,9 +1,8 @@
-"""The engine loop: one thread that owns the requests and the model runner.
+"""The engine loop: one thread that owns the Scheduler and the model runner.
 
-`step()` is schedule -> execute -> update. This version runs one request at a time, first come
-first served, a token per step (the first step of a request computes its whole prompt); the
-continuous-batching scheduler replaces `_schedule` and `ModelRunner.execute` behind the same
-inputs (EngineRequest, abort) and outputs (EngineOutput). No asyncio here.
+`step()` is schedule -> execute -> update, around the Scheduler's continuous batching and the
+runner's flat batch. Adds and aborts arrive from other threads through an inbox drained between
+steps; every EngineOutput delta leaves through `sink` (called on this thread). No asyncio here.
 """
 
 from __future__ import annotations
@@ -11,18 +10,26 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
+from vlmserve.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from vlmserve.engine.request import Request, RequestStatus
+from vlmserve.engine.scheduler import Scheduler
+from vlmserve.errors import ServerBusyError, VLMServeError
+from vlmserve.metrics.stats import SchedulerStats
 from vlmserve.protocol.types import EngineOutput, EngineRequest, FinishReason
-from vlmserve.runner.model_runner import ModelRunner
-from vlmserve.runner.sampler import SampleResult, make_generator
 
 logger = logging.getLogger(__name__)
 
 OutputSink = Callable[[list[EngineOutput]], None]
+
+
+class Runner(Protocol):
+    """What the engine needs of a model runner (runner/model_runner.py, or a fake in tests)."""
+
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,25 +41,21 @@ _STOP = object()
 
 
 class EngineCore:
-    """Owns the waiting queue and the running request; fed through `add_request`/`abort` from any
-    thread, it reports every delta through `sink` (called on the engine thread)."""
+    """Fed through `add_request`/`abort` from any thread; reports every delta through `sink`.
 
-    def __init__(
-        self,
-        runner: ModelRunner,
-        *,
-        eos_token_ids: set[int],
-        max_model_len: int,
-        sink: OutputSink,
-    ) -> None:
+    An exception in the runner fails the requests of that step (with the message) and the engine
+    goes on; an exception anywhere else in the loop fails every request and the engine is dead.
+    """
+
+    def __init__(self, scheduler: Scheduler, runner: Runner, *, max_model_len: int, sink: OutputSink) -> None:
+        self.scheduler = scheduler
         self.runner = runner
-        self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = max_model_len
         self.sink = sink
-        self._inbox: queue.Queue[object] = queue.Queue()
-        self.waiting: deque[Request] = deque()
-        self.running: Request | None = None
+        # the scheduler's state after the latest step (read by a metrics exporter)
+        self.last_stats = SchedulerStats()
         self.dead_reason: str | None = None
+        self._inbox: queue.Queue[object] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="vlmserve-engine", daemon=True)
 
     # --- called from other threads -------------------------------------------------------------
@@ -76,9 +79,18 @@ class EngineCore:
 
     @property
     def num_unfinished(self) -> int:
-        return len(self.waiting) + (self.running is not None)
+        """Requests waiting or running (read without a lock: len() of a dict is atomic)."""
+        return self.scheduler.num_unfinished_requests
 
     # --- the engine thread ---------------------------------------------------------------------
+    def step(self) -> None:
+        """One engine step: schedule -> execute -> update."""
+        scheduler_output = self.scheduler.schedule()
+        runner_output = self._execute(scheduler_output)
+        outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+        self.last_stats = self.scheduler.make_stats()
+        self._emit(outputs)
+
     def _run(self) -> None:
         try:
             while self._drain_inbox(block=self.num_unfinished == 0):
@@ -101,102 +113,52 @@ class EngineCore:
                 self._fail_all("server shutting down")
                 return False
             if isinstance(item, _Abort):
-                self._abort(item.request_id)
+                self._emit([self.scheduler.abort(item.request_id)])
             else:
                 assert isinstance(item, EngineRequest)
-                self.waiting.append(self._new_request(item))
+                self._add(item)
 
-    def step(self) -> None:
-        """One engine step: schedule -> execute -> update."""
-        request = self._schedule()
+    def _add(self, engine_request: EngineRequest) -> None:
+        """Queues the request; a full queue or a request that can never fit ends it at once."""
+        request = Request.from_engine_request(engine_request, max_model_len=self.max_model_len)
         try:
-            result = self.runner.execute(request)
-        except Exception as exc:  # a bug hit by this request: fail it, keep serving the others
-            logger.exception("request %s failed in the model runner", request.request_id)
-            self._finish(request, RequestStatus.FINISHED_ERROR, error=f"model execution failed: {exc!r}")
-            return
-        self._update(request, result)
+            self.scheduler.add_request(request)
+        except ServerBusyError:
+            self._emit([_final_output(request, FinishReason.ABORT, "the server is busy")])
+        except (VLMServeError, ValueError) as exc:  # cannot fit the KV cache; an id already in use
+            self._emit([_final_output(request, FinishReason.ERROR, str(exc))])
 
-    def _schedule(self) -> Request:
-        if self.running is None:
-            self.running = self.waiting.popleft()
-            self.running.status = RequestStatus.RUNNING
-        return self.running
-
-    def _update(self, request: Request, result: SampleResult) -> None:
-        request.output_token_ids.append(result.token_id)
-        status = self._check_stop(request, result.token_id)
-        output = self._output(request, [result.token_id])
-        if result.logprob is not None:
-            output.logprobs.append(result.logprob)
-        if status is not None:
-            request.status = status
-            self._release(request)
-            output.finish_reason = request.finish_reason
-            output.stop_reason = request.stop_reason
-        self.sink([output])
-
-    def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
-        params = request.engine_request.sampling_params
-        if token_id in params.stop_token_ids:
-            request.stop_reason = token_id
-            return RequestStatus.FINISHED_STOPPED
-        if not params.ignore_eos and token_id in self.eos_token_ids:
-            return RequestStatus.FINISHED_STOPPED
-        if len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= request.max_num_tokens:
-            return RequestStatus.FINISHED_LENGTH
-        return None
-
-    # --- bookkeeping ---------------------------------------------------------------------------
-    def _new_request(self, engine_request: EngineRequest) -> Request:
-        params = engine_request.sampling_params
-        num_prompt = len(engine_request.prompt_token_ids)
-        return Request(
-            request_id=engine_request.request_id,
-            prompt_token_ids=list(engine_request.prompt_token_ids),
-            engine_request=engine_request,
-            max_num_tokens=min(self.max_model_len, num_prompt + params.max_tokens),
-            generator=make_generator(params.seed, self.runner.device),
-        )
-
-    def _abort(self, request_id: str) -> None:
-        if self.running is not None and self.running.request_id == request_id:
-            self._finish(self.running, RequestStatus.FINISHED_ABORTED)
-            return
-        for request in self.waiting:
-            if request.request_id == request_id:
-                self.waiting.remove(request)
-                request.status = RequestStatus.FINISHED_ABORTED
-                self.sink([self._final_output(request)])
-                return
-
-    def _finish(self, request: Request, status: RequestStatus, error: str | None = None) -> None:
-        request.status = status
-        self._release(request)
-        self.sink([self._final_output(request, error)])
-
-    def _release(self, request: Request) -> None:
-        self.runner.free(request)
-        if self.running is request:
-            self.running = None
+    def _execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        try:
+            return self.runner.execute(scheduler_output)
+        except Exception as exc:  # a bug hit by this step's requests: fail them, keep serving the rest
+            request_ids = list(scheduler_output.num_scheduled_tokens)
+            logger.exception("model execution failed for requests %s", ", ".join(request_ids))
+            error = f"model execution failed: {exc!r}"
+            self._emit(
+                [
+                    self.scheduler.finish_request(rid, RequestStatus.FINISHED_ERROR, error)
+                    for rid in request_ids
+                ]
+            )
+            return ModelRunnerOutput.make_empty()
 
     def _fail_all(self, reason: str) -> None:
-        requests = list(self.waiting) + ([self.running] if self.running else [])
-        self.waiting.clear()
-        for request in requests:
-            self._finish(request, RequestStatus.FINISHED_ERROR, error=reason)
+        for request_id in list(self.scheduler.requests):
+            self._emit([self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ERROR, reason)])
 
-    @staticmethod
-    def _output(request: Request, new_token_ids: list[int]) -> EngineOutput:
-        return EngineOutput(
-            request_id=request.request_id,
-            new_token_ids=new_token_ids,
-            num_prompt_tokens=len(request.prompt_token_ids),
-            num_output_tokens=len(request.output_token_ids),
-        )
+    def _emit(self, outputs: Sequence[EngineOutput | None]) -> None:
+        present = [output for output in outputs if output is not None]
+        if present:
+            self.sink(present)
 
-    def _final_output(self, request: Request, error: str | None = None) -> EngineOutput:
-        output = self._output(request, [])
-        output.finish_reason = request.finish_reason or FinishReason.ABORT
-        output.error = error
-        return output
+
+def _final_output(request: Request, finish_reason: FinishReason, error: str) -> EngineOutput:
+    return EngineOutput(
+        request_id=request.request_id,
+        new_token_ids=[],
+        num_prompt_tokens=request.num_prompt_tokens,
+        num_output_tokens=0,
+        finish_reason=finish_reason,
+        error=error,
+    )

@@ -13,7 +13,7 @@ import pickle
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from vlmserve.engine.batched_request import BatchedRequest
+from vlmserve.engine.request import Request
 from vlmserve.metrics.stats import PrefixCacheStats
 from vlmserve.protocol.types import ImageInput
 
@@ -215,7 +215,7 @@ class KVCacheManager:
         """Fraction of blocks held by requests (cached blocks nobody holds count as free)."""
         return 1.0 - self.block_pool.num_free_blocks / self.block_pool.num_blocks
 
-    def get_computed_blocks(self, request: BatchedRequest) -> tuple[list[KVCacheBlock], int]:
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
         """The longest cached prefix of `request` in full blocks, and its length in tokens.
 
         Never the whole request: at least its last token must be computed to get logits, so a hit
@@ -234,7 +234,7 @@ class KVCacheManager:
 
     def allocate_slots(
         self,
-        request: BatchedRequest,
+        request: Request,
         num_new_tokens: int,
         new_computed_blocks: Sequence[KVCacheBlock] = (),
     ) -> list[int] | None:
@@ -258,7 +258,7 @@ class KVCacheManager:
         self.req_to_blocks[request.request_id].extend(new_blocks)
         return [block.block_id for block in new_blocks]
 
-    def cache_blocks(self, request: BatchedRequest, num_computed_tokens: int) -> None:
+    def cache_blocks(self, request: Request, num_computed_tokens: int) -> None:
         """Registers the request's full blocks within its first num_computed_tokens in the prefix cache."""
         if not self.enable_prefix_caching:
             return
@@ -272,7 +272,7 @@ class KVCacheManager:
             self.block_pool.cache_block(blocks[index], block_hashes[index])
         self.num_cached_blocks[request.request_id] = num_full_blocks
 
-    def free(self, request: BatchedRequest) -> None:
+    def free(self, request: Request) -> None:
         """Drops the request's references; its last block is evicted first (the prefix outlives it)."""
         blocks = self.req_to_blocks.pop(request.request_id, [])
         self.num_cached_blocks.pop(request.request_id, None)
@@ -286,7 +286,7 @@ class KVCacheManager:
         stats, self.prefix_cache_stats = self.prefix_cache_stats, PrefixCacheStats()
         return stats
 
-    def _admit(self, request: BatchedRequest, new_computed_blocks: Sequence[KVCacheBlock]) -> None:
+    def _admit(self, request: Request, new_computed_blocks: Sequence[KVCacheBlock]) -> None:
         self.block_pool.touch(new_computed_blocks)
         self.req_to_blocks[request.request_id] = list(new_computed_blocks)
         self.num_cached_blocks[request.request_id] = len(new_computed_blocks)
@@ -294,7 +294,7 @@ class KVCacheManager:
             self.prefix_cache_stats.queries += request.num_tokens
             self.prefix_cache_stats.hits += len(new_computed_blocks) * self.block_size
 
-    def _block_hashes(self, request: BatchedRequest) -> list[BlockHash]:
+    def _block_hashes(self, request: Request) -> list[BlockHash]:
         """The request's full-block hashes, extended to cover its current tokens."""
         block_hashes = request.block_hashes
         num_full_blocks = request.num_tokens // self.block_size

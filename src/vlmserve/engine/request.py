@@ -1,17 +1,15 @@
-"""Request state inside the engine: token ids, progress, status and per-request sampling state.
+"""Request state inside the engine: token ids, progress, status, images and prefix-cache bookkeeping.
 
-Owned by the engine thread only; the HTTP side never sees it (it gets EngineOutputs).
+Owned by the engine thread only; the HTTP side never sees it (it gets EngineOutputs). Pure Python:
+the runner keeps the tensors and the RNG of a request on its side, keyed by request_id.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
 
-import torch
-
-from vlmserve.protocol.types import EngineRequest, FinishReason
+from vlmserve.protocol.types import EngineRequest, FinishReason, ImageInput
 
 
 class RequestStatus(enum.IntEnum):
@@ -39,20 +37,48 @@ FINISH_REASONS = {
 
 @dataclass(slots=True)
 class Request:
-    """One request's progress: prompt tokens, generated tokens, how much KV is computed."""
+    """One request's progress: prompt tokens, generated tokens, how much KV is computed.
+
+    Invariant kept by the Scheduler: `num_computed_tokens` never lies strictly inside an image's
+    placeholder span, so every chunk holds each image it touches whole.
+    """
 
     request_id: str
     prompt_token_ids: list[int]
     engine_request: EngineRequest
     # the most tokens (prompt + output) this request may reach: min(max_model_len, prompt + max_tokens)
     max_num_tokens: int
-    generator: torch.Generator
+    # the request's images sorted by offset (a chunk's encoder inputs are indices into this tuple)
+    images: tuple[ImageInput, ...] = ()
     output_token_ids: list[int] = field(default_factory=list)
+    # tokens whose KV is computed, or scheduled in the step under way (the Scheduler counts a
+    # step's tokens when it schedules them)
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
-    # the runner's per-request state (KV cache); freed when the request finishes
-    kv_cache: Any = None
+    # set by Scheduler.add_request; a larger index arrived later (preemption takes the largest first)
+    arrival_index: int = -1
+    # chained hashes of the request's full blocks so far (prompt and output), filled by KVCacheManager
+    block_hashes: list[bytes] = field(default_factory=list)
+    # prompt tokens served from the prefix cache at first admission; -1 until admitted
+    num_cached_tokens: int = -1
+    # times this request was preempted (its KV freed and recomputed later)
+    num_preemptions: int = 0
+
+    @classmethod
+    def from_engine_request(cls, engine_request: EngineRequest, *, max_model_len: int) -> Request:
+        num_prompt = len(engine_request.prompt_token_ids)
+        return cls(
+            request_id=engine_request.request_id,
+            prompt_token_ids=list(engine_request.prompt_token_ids),
+            engine_request=engine_request,
+            max_num_tokens=min(max_model_len, num_prompt + engine_request.sampling_params.max_tokens),
+            images=tuple(sorted(engine_request.images, key=lambda image: image.offset)),
+        )
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
 
     @property
     def num_tokens(self) -> int:

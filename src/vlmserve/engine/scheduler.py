@@ -11,10 +11,9 @@ import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
-from vlmserve.engine.batched_request import BatchedRequest
 from vlmserve.engine.kv_cache import KVCacheBlock, KVCacheManager
 from vlmserve.engine.outputs import ModelRunnerOutput, NewRequestData, RunningRequestData, SchedulerOutput
-from vlmserve.engine.request import RequestStatus
+from vlmserve.engine.request import Request, RequestStatus
 from vlmserve.errors import ContextLengthExceededError, ServerBusyError
 from vlmserve.metrics.stats import SchedulerStats
 from vlmserve.protocol.types import EngineOutput, TokenLogprob
@@ -22,7 +21,7 @@ from vlmserve.protocol.types import EngineOutput, TokenLogprob
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
-    """Limits of the scheduler (to move into config.py next to the other configs)."""
+    """Limits of the scheduler; bootstrap builds it from ServerConfig."""
 
     # the token budget: most tokens all requests together compute in one step
     max_num_batched_tokens: int = 2048
@@ -50,15 +49,15 @@ class _StepPlan:
 
     token_budget: int
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
-    new_requests: list[BatchedRequest] = field(default_factory=list)
-    running_requests: list[BatchedRequest] = field(default_factory=list)
+    new_requests: list[Request] = field(default_factory=list)
+    running_requests: list[Request] = field(default_factory=list)
     new_block_ids: dict[str, list[int]] = field(default_factory=dict)
     encoder_inputs: dict[str, list[int]] = field(default_factory=dict)
     preempted_request_ids: list[str] = field(default_factory=list)
     # a chunk of more than one token is scheduled (only the first such chunk may exceed the budget)
     has_prefill: bool = False
 
-    def add(self, request: BatchedRequest, num_tokens: int, new_block_ids: list[int] | None) -> None:
+    def add(self, request: Request, num_tokens: int, new_block_ids: list[int] | None) -> None:
         """new_block_ids None: a new request (its whole block table goes out)."""
         start = request.num_computed_tokens
         self.num_scheduled_tokens[request.request_id] = num_tokens
@@ -77,7 +76,7 @@ class _StepPlan:
         if images:
             self.encoder_inputs[request.request_id] = images
 
-    def remove(self, request: BatchedRequest) -> None:
+    def remove(self, request: Request) -> None:
         """Takes back a running request scheduled earlier in this step (it was just preempted)."""
         self.token_budget += self.num_scheduled_tokens.pop(request.request_id, 0)
         self.new_block_ids.pop(request.request_id, None)
@@ -100,15 +99,15 @@ class Scheduler:
         self.config = config
         self.kv_cache_manager = kv_cache_manager
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.waiting: deque[BatchedRequest] = deque()
-        self.running: list[BatchedRequest] = []
-        self.requests: dict[str, BatchedRequest] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
         self.finished_request_ids: set[str] = set()
         self._num_arrivals = 0
         self._num_preemptions = 0
 
     # --- requests in and out -------------------------------------------------------------------
-    def add_request(self, request: BatchedRequest) -> None:
+    def add_request(self, request: Request) -> None:
         """Queues a request (FCFS). Raises ServerBusyError when max_waiting requests already wait,
         ContextLengthExceededError when the request could never fit in the whole KV cache."""
         if len(self.waiting) >= self.config.max_waiting:
@@ -217,7 +216,7 @@ class Scheduler:
                 plan.add(request, num_new_tokens, new_block_ids)
 
     def _allocate_or_preempt(
-        self, request: BatchedRequest, num_new_tokens: int, plan: _StepPlan
+        self, request: Request, num_new_tokens: int, plan: _StepPlan
     ) -> list[int] | None:
         """Blocks for a running request, preempting the latest arrivals until they fit; None when
         the request had to preempt itself."""
@@ -228,7 +227,7 @@ class Scheduler:
                 return None
         return new_block_ids
 
-    def _preempt(self, request: BatchedRequest, plan: _StepPlan) -> None:
+    def _preempt(self, request: Request, plan: _StepPlan) -> None:
         self.running.remove(request)
         self.kv_cache_manager.free(request)
         plan.remove(request)
@@ -258,7 +257,7 @@ class Scheduler:
             bisect.insort(self.running, request, key=lambda running: running.arrival_index)
             plan.add(request, num_new_tokens, new_block_ids=None)
 
-    def _computed_prefix(self, request: BatchedRequest) -> tuple[list[KVCacheBlock], int]:
+    def _computed_prefix(self, request: Request) -> tuple[list[KVCacheBlock], int]:
         """The prefix-cache hit, cut back so that it does not end inside an image's span (the
         next chunk then starts at the image, which the encoder needs whole)."""
         blocks, num_computed_tokens = self.kv_cache_manager.get_computed_blocks(request)
@@ -268,7 +267,7 @@ class Scheduler:
                 num_computed_tokens = image.offset // block_size * block_size
         return blocks[: num_computed_tokens // block_size], num_computed_tokens
 
-    def _num_new_tokens(self, request: BatchedRequest, start: int, plan: _StepPlan) -> int:
+    def _num_new_tokens(self, request: Request, start: int, plan: _StepPlan) -> int:
         """Tokens to compute from `start` within the budget left, never ending inside an image.
 
         A chunk boundary that would fall inside an image's placeholder span moves back to the
@@ -322,9 +321,7 @@ class Scheduler:
         )
 
     # --- results -------------------------------------------------------------------------------
-    def _append_token(
-        self, request: BatchedRequest, token_id: int, logprob: TokenLogprob | None
-    ) -> EngineOutput:
+    def _append_token(self, request: Request, token_id: int, logprob: TokenLogprob | None) -> EngineOutput:
         request.output_token_ids.append(token_id)
         status = self._check_stop(request, token_id)
         if status is not None:
@@ -336,7 +333,7 @@ class Scheduler:
         output.stop_reason = request.stop_reason
         return output
 
-    def _check_stop(self, request: BatchedRequest, token_id: int) -> RequestStatus | None:
+    def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
         """eos, stop_token_ids, max_tokens and max_model_len (via max_num_tokens), as EngineCore does."""
         params = request.engine_request.sampling_params
         if token_id in params.stop_token_ids:
@@ -348,7 +345,7 @@ class Scheduler:
             return RequestStatus.FINISHED_LENGTH
         return None
 
-    def _finish(self, request: BatchedRequest, status: RequestStatus) -> None:
+    def _finish(self, request: Request, status: RequestStatus) -> None:
         if request.status == RequestStatus.RUNNING:
             self.running.remove(request)
         else:
@@ -359,7 +356,7 @@ class Scheduler:
         self.finished_request_ids.add(request.request_id)
 
     @staticmethod
-    def _output(request: BatchedRequest, new_token_ids: list[int]) -> EngineOutput:
+    def _output(request: Request, new_token_ids: list[int]) -> EngineOutput:
         return EngineOutput(
             request_id=request.request_id,
             new_token_ids=new_token_ids,
@@ -368,6 +365,6 @@ class Scheduler:
         )
 
 
-def _is_prefilling(request: BatchedRequest) -> bool:
+def _is_prefilling(request: Request) -> bool:
     """More than one token to compute: a prefill (or a recompute after preemption), not a decode."""
     return request.num_tokens - request.num_computed_tokens > 1

@@ -1,9 +1,12 @@
-"""Causal self-attention over a KV cache, and the cache itself.
+"""Causal self-attention over a KV cache, and the caches themselves.
 
-This module is the only place that knows the cache layout. Today that is one sequence in a
-contiguous cache: the key/value of the token at position p live in slot p. A paged cache replaces
-`KVCache`, `AttentionMetadata`, `store_kv` and `gather_kv` later; the model code only builds the
-metadata once per forward and calls `cached_attention` in each layer.
+This module is the only place that knows the cache layouts. Two live side by side, and
+`cached_attention` dispatches on the `kv_cache` object the model passes through unchanged:
+- `KVCache`: one sequence in a contiguous cache, slot p = position p (parity tests, warm-up).
+- `PagedAttentionContext`: the engine's step over many requests: a `PagedKVCache` pool of blocks
+  plus the step's metadata (slot_mapping, decode block tables, prefill spans), built by the runner.
+The model code only builds `AttentionMetadata` once per forward and calls `cached_attention` in
+each layer; it never sees requests.
 """
 
 from __future__ import annotations
@@ -93,7 +96,10 @@ def cached_attention(
     query [T, num_heads, head_dim]; key/value [T, num_kv_heads, head_dim]. Token t sees every cache
     slot <= its position (earlier chunks and itself). Returns [T, num_heads, head_dim].
     Grouped-query attention: num_heads is a multiple of num_kv_heads.
+    With a PagedAttentionContext as `kv_cache`, `metadata` is unused (see `paged_attention`).
     """
+    if isinstance(kv_cache, PagedAttentionContext):
+        return paged_attention(query, key, value, kv_cache, layer_idx, scale)
     store_kv(kv_cache, layer_idx, key, value, metadata.positions)
     cached_key, cached_value = gather_kv(kv_cache, layer_idx, metadata.num_slots)  # [S, kv_heads, head_dim]
     group = query.shape[1] // cached_key.shape[1]
@@ -107,4 +113,195 @@ def cached_attention(
         attn_mask=metadata.mask,
         scale=scale,
     )  # [num_heads, T, head_dim]
+    return out.transpose(0, 1)
+
+
+# --- paged KV cache: many requests in one flat batch -------------------------------------------
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """What one token's KV needs in every layer: enough to size and allocate a pool."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, dtype: torch.dtype) -> KVCacheSpec:
+        """Read off the model's own contiguous cache, built on the meta device (allocates nothing)."""
+        probe: KVCache = model.make_kv_cache(1, dtype=dtype, device="meta")  # type: ignore[operator]
+        _, num_kv_heads, head_dim = probe.key_cache[0].shape
+        return cls(len(probe.key_cache), num_kv_heads, head_dim, dtype)
+
+    def bytes_per_block(self, block_size: int) -> int:
+        """Key and value of block_size tokens in every layer."""
+        element_size = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * block_size * self.num_kv_heads * self.head_dim * element_size
+
+
+@dataclass
+class PagedKVCache:
+    """The engine's block pool on the device.
+
+    Shape: key_cache[i], value_cache[i]: [num_blocks, block_size, num_kv_heads, head_dim]. The token
+    at position p of a request lives in slot p % block_size of block block_table[p // block_size],
+    flat slot block_id * block_size + p % block_size. Zero-filled: slots not yet written are read
+    (masked out) by padded decode gathers, and garbage there could be NaN, which a mask does not stop.
+    """
+
+    key_cache: list[torch.Tensor]
+    value_cache: list[torch.Tensor]
+
+    @classmethod
+    def allocate(
+        cls, spec: KVCacheSpec, num_blocks: int, block_size: int, *, device: torch.device | str
+    ) -> PagedKVCache:
+        shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        return cls(
+            key_cache=[torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)],
+            value_cache=[torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)],
+        )
+
+    @property
+    def num_blocks(self) -> int:
+        return self.key_cache[0].shape[0]
+
+    @property
+    def block_size(self) -> int:
+        return self.key_cache[0].shape[1]
+
+
+@dataclass(frozen=True)
+class PrefillSpan:
+    """One request's chunk of more than one token in the flat batch."""
+
+    # the chunk is tokens [query_start, query_end) of the batch, positions
+    # [num_computed_tokens, num_computed_tokens + query_end - query_start) of its request
+    query_start: int
+    query_end: int
+    num_computed_tokens: int
+    # [ceil(seq_len / block_size)] int64: the blocks of positions [0, seq_len), seq_len = chunk end
+    block_ids: torch.Tensor
+    # [num_query, seq_len] bool, True = attend: key j is visible to query i when
+    # j <= num_computed_tokens + i. None when num_computed_tokens == 0 (plain causal over the chunk)
+    mask: torch.Tensor | None
+
+    @property
+    def seq_len(self) -> int:
+        return self.num_computed_tokens + self.query_end - self.query_start
+
+
+@dataclass(frozen=True)
+class PagedAttentionContext:
+    """The pool and one step's attention metadata, passed to the model as its `kv_cache`.
+
+    The flat batch puts the decodes (one query token per request) first, tokens [0, num_decodes),
+    then each prefill chunk. Built once per step by the runner (runner/input_batch.py).
+    """
+
+    kv_cache: PagedKVCache
+    # [T] int64: the flat slot each token's key/value is written to
+    slot_mapping: torch.Tensor
+    num_decodes: int
+    # [num_decodes, max_num_blocks] int64, padded with block 0 (masked out)
+    decode_block_table: torch.Tensor
+    # [num_decodes, 1, 1, max_num_blocks * block_size] bool, True = attend (slot < seq_len)
+    decode_mask: torch.Tensor
+    prefills: tuple[PrefillSpan, ...]
+
+
+def store_kv_paged(
+    kv_cache: PagedKVCache, layer_idx: int, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Write key/value [T, num_kv_heads, head_dim] into flat slots `slot_mapping` [T]."""
+    num_kv_heads, head_dim = key.shape[1:]
+    kv_cache.key_cache[layer_idx].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
+    kv_cache.value_cache[layer_idx].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
+
+
+def _gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """cache [num_blocks, block_size, kv_heads, D], block_ids [...] -> [..., block_size, kv_heads, D].
+
+    Whole blocks, not slots: copying block_size rows at a time is several times faster on CPU."""
+    return cache.index_select(0, block_ids.reshape(-1)).view(*block_ids.shape, *cache.shape[1:])
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    context: PagedAttentionContext,
+    layer_idx: int,
+    scale: float,
+) -> torch.Tensor:
+    """Store the step's key/value in the pool, then attend each request over its own tokens.
+
+    query [T, num_heads, head_dim]; key/value [T, num_kv_heads, head_dim] -> [T, num_heads, head_dim].
+    All decodes share one SDPA call over their block tables gathered and padded to the longest
+    context (a key padding mask hides the rest); each prefill chunk is one SDPA call, causal with
+    its queries offset by the tokens computed before it.
+    """
+    store_kv_paged(context.kv_cache, layer_idx, key, value, context.slot_mapping)
+    out = torch.empty_like(query)
+    if context.num_decodes:
+        out[: context.num_decodes] = _decode_attention(
+            query[: context.num_decodes], context, layer_idx, scale
+        )
+    for span in context.prefills:
+        rows = slice(span.query_start, span.query_end)
+        out[rows] = _prefill_attention(query[rows], key[rows], value[rows], span, context, layer_idx, scale)
+    return out
+
+
+def _decode_attention(
+    query: torch.Tensor, context: PagedAttentionContext, layer_idx: int, scale: float
+) -> torch.Tensor:
+    """query [B, num_heads, D], one token per request -> [B, num_heads, D]."""
+    batch, num_heads, head_dim = query.shape
+    pool = context.kv_cache
+    keys = _gather_blocks(pool.key_cache[layer_idx], context.decode_block_table)  # [B, nb, bs, kv, D]
+    values = _gather_blocks(pool.value_cache[layer_idx], context.decode_block_table)
+    num_kv_heads = keys.shape[-2]
+    keys = keys.view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)  # [B, kv_heads, S, D]
+    values = values.view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        query.view(batch, num_heads, 1, head_dim),
+        keys,
+        values,
+        attn_mask=context.decode_mask,
+        scale=scale,
+        enable_gqa=num_heads != num_kv_heads,
+    )  # [B, num_heads, 1, D]
+    return out.view(batch, num_heads, head_dim)
+
+
+def _prefill_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    span: PrefillSpan,
+    context: PagedAttentionContext,
+    layer_idx: int,
+    scale: float,
+) -> torch.Tensor:
+    """One request's chunk: query [q, num_heads, D], its key/value [q, kv_heads, D] -> [q, num_heads, D]."""
+    if span.mask is None:  # nothing computed before: the chunk attends to itself only
+        keys, values = key, value
+    else:  # earlier chunks or prefix-cache hits: read the whole context back from the pool
+        pool = context.kv_cache
+        num_kv_heads, head_dim = key.shape[1:]
+        keys = _gather_blocks(pool.key_cache[layer_idx], span.block_ids).view(-1, num_kv_heads, head_dim)
+        values = _gather_blocks(pool.value_cache[layer_idx], span.block_ids).view(-1, num_kv_heads, head_dim)
+        keys, values = keys[: span.seq_len], values[: span.seq_len]
+    out = F.scaled_dot_product_attention(
+        query.transpose(0, 1),  # [num_heads, q, D]
+        keys.transpose(0, 1),  # [kv_heads, S, D]
+        values.transpose(0, 1),
+        attn_mask=span.mask,
+        is_causal=span.mask is None,
+        scale=scale,
+        enable_gqa=query.shape[1] != keys.shape[1],
+    )  # [num_heads, q, D]
     return out.transpose(0, 1)

@@ -1,9 +1,12 @@
-"""Runs the model for one request step: builds inputs, runs the vision encoder for a request's
-images when its prefill starts, merges image features at their placeholder positions, runs the
-language model over the request's KV cache in chunks, and samples.
+"""Runs one engine step on the device: SchedulerOutput in, ModelRunnerOutput out.
 
-This is the one place that touches tensors for a request. The continuous-batching engine replaces
-the contiguous per-request cache with a paged one here, behind the same `execute` contract.
+Owns the model, the paged KV pool and the runner's per-request state (token ids, block tables,
+seeded RNGs). A step: update the states from the SchedulerOutput -> build the flat batch
+(input_batch.py) -> embed tokens, run the vision encoder on the images this step's chunks cover and
+write their features over the placeholder tokens -> one forward over all requests' tokens (linear
+layers see the whole [T, hidden] batch; attention is per request over the pool) -> logits only at
+the rows that sample -> the Sampler, one row per request. Knows nothing of HTTP or the scheduler's
+queues: it trusts the SchedulerOutput contract (engine/outputs.py) and checks it where cheap.
 """
 
 from __future__ import annotations
@@ -12,81 +15,124 @@ import logging
 
 import torch
 
-from vlmserve.engine.request import Request
-from vlmserve.runner.sampler import Sampler, SampleResult
+from vlmserve.engine.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutput
+from vlmserve.layers.attention import PagedKVCache
+from vlmserve.runner.input_batch import CachedRequestState, InputBatch, build_input_batch
+from vlmserve.runner.sampler import Sampler, make_generator
 
 logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    """Owns the model, the device and the sampler; `execute(request)` computes one new token."""
+    """`execute(scheduler_output)` computes one step for every scheduled request."""
 
     def __init__(
-        self,
-        model: torch.nn.Module,
-        *,
-        device: torch.device,
-        dtype: torch.dtype,
-        max_prefill_chunk: int = 512,
+        self, model: torch.nn.Module, kv_cache: PagedKVCache, *, device: torch.device, dtype: torch.dtype
     ) -> None:
         self.model = model
+        self.kv_cache = kv_cache
         self.device = device
         self.dtype = dtype
-        # prefill runs in chunks so attention scores stay [heads, chunk, context], not [heads, T, T]
-        self.max_prefill_chunk = max_prefill_chunk
         self.sampler = Sampler()
+        self.requests: dict[str, CachedRequestState] = {}
+        # outlive preemption (unlike `requests`), so a seeded request resumes its random stream
+        # where it stopped instead of replaying it; dropped when the request finishes
+        self.generators: dict[str, torch.Generator] = {}
 
     @torch.inference_mode()
-    def execute(self, request: Request) -> SampleResult:
-        """Computes KV for every token of `request` not yet computed and samples the next token."""
-        if request.kv_cache is None:
-            request.kv_cache = self.model.make_kv_cache(
-                request.max_num_tokens, dtype=self.dtype, device=self.device
-            )
-        start = request.num_computed_tokens
-        token_ids = request.all_token_ids[start:]
-        embeds = self._embed(request, token_ids, start)
-        hidden = None
-        for chunk_start in range(0, len(token_ids), self.max_prefill_chunk):
-            chunk = slice(chunk_start, chunk_start + self.max_prefill_chunk)
-            positions = torch.arange(
-                start + chunk.start, start + min(chunk.stop, len(token_ids)), device=self.device
-            )
-            hidden = self.model(embeds[chunk], positions, request.kv_cache)
-        assert hidden is not None
-        request.num_computed_tokens = request.num_tokens
-        logits = self.model.compute_logits(hidden[-1:])[0]  # [vocab]
-        return self.sampler.sample(
-            logits, request.engine_request.sampling_params, request.output_token_ids, request.generator
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """One step: the sampled token (and logprob) of every request whose chunk reached its end."""
+        batch, logits = self.compute_logits(scheduler_output)
+        if batch is None:
+            return ModelRunnerOutput.make_empty()
+        return self.sample(batch, logits)
+
+    @torch.inference_mode()
+    def compute_logits(self, scheduler_output: SchedulerOutput) -> tuple[InputBatch | None, torch.Tensor]:
+        """Updates the states and runs the model: the batch and logits [N, vocab] float32 of its
+        sampled rows (batch None when nothing is scheduled)."""
+        self._update_states(scheduler_output)
+        if scheduler_output.total_num_scheduled_tokens == 0:
+            return None, torch.empty(0)
+        batch = build_input_batch(scheduler_output, self.requests, self.kv_cache, self.device)
+        embeds = self._embed(batch, scheduler_output)
+        hidden = self.model(embeds, batch.positions, batch.attention)  # [T, hidden]
+        for request_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
+            self.requests[request_id].num_computed_tokens += num_tokens
+        return batch, self.model.compute_logits(hidden[batch.logits_indices])
+
+    # --- state -----------------------------------------------------------------------------------
+    def _update_states(self, scheduler_output: SchedulerOutput) -> None:
+        for request_id in scheduler_output.finished_request_ids:
+            self.requests.pop(request_id, None)
+            self.generators.pop(request_id, None)
+        for request_id in scheduler_output.preempted_request_ids:
+            self.requests.pop(request_id, None)
+        for new in scheduler_output.scheduled_new_requests:
+            self.requests[new.request_id] = self._new_state(new)
+        for running in scheduler_output.scheduled_running_requests:
+            state = self.requests[running.request_id]
+            state.block_ids.extend(running.new_block_ids)
+            state.num_computed_tokens = running.num_computed_tokens
+
+    def _new_state(self, new: NewRequestData) -> CachedRequestState:
+        if new.request_id not in self.generators:
+            self.generators[new.request_id] = make_generator(new.sampling_params.seed, self.device)
+        return CachedRequestState(
+            request_id=new.request_id,
+            token_ids=list(new.prompt_token_ids) + list(new.output_token_ids),
+            num_prompt_tokens=len(new.prompt_token_ids),
+            sampling_params=new.sampling_params,
+            images=list(new.images),
+            block_ids=list(new.block_ids),
+            num_computed_tokens=new.num_computed_tokens,
         )
 
-    def free(self, request: Request) -> None:
-        request.kv_cache = None
-
-    def _embed(self, request: Request, token_ids: list[int], start: int) -> torch.Tensor:
-        """Token embeddings for positions start.. with image features placed over their tokens."""
-        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
-        embeds = self.model.embed_tokens(ids)  # [T, hidden]
-        end = start + len(token_ids)
-        for image in request.engine_request.images:
-            if image.offset + image.length <= start or image.offset >= end:
-                continue
-            # The whole prompt is computed in one execute() call, so an image is never split.
-            features = self.model.embed_images(
-                image.pixel_values.to(device=self.device, dtype=self.dtype)
-            )  # [num_tiles * tokens_per_tile, hidden]
-            if features.shape[0] != image.length:
-                raise RuntimeError(
-                    f"image at offset {image.offset} has {image.length} placeholder tokens "
-                    f"but the vision encoder gave {features.shape[0]} features"
+    # --- inputs ----------------------------------------------------------------------------------
+    def _embed(self, batch: InputBatch, scheduler_output: SchedulerOutput) -> torch.Tensor:
+        """Token embeddings [T, hidden], with the features of this step's images over their tokens."""
+        embeds = self.model.embed_tokens(batch.input_ids)
+        for request_id, image_indices in scheduler_output.scheduled_encoder_inputs.items():
+            state = self.requests[request_id]
+            chunk_start = batch.query_start(request_id)
+            for index in image_indices:
+                image = state.images[index]
+                row = chunk_start + image.offset - state.num_computed_tokens
+                if image.offset < state.num_computed_tokens or image.offset + image.length > (
+                    state.num_computed_tokens + scheduler_output.num_scheduled_tokens[request_id]
+                ):
+                    raise RuntimeError(f"request {request_id}: image {index} is split across chunks")
+                features = self.model.embed_images(
+                    image.pixel_values.to(device=self.device, dtype=self.dtype)
                 )
-            lo = image.offset - start
-            embeds[lo : lo + image.length] = features.to(embeds.dtype)
+                if features.shape[0] != image.length:
+                    raise RuntimeError(
+                        f"request {request_id}: image {index} has {image.length} placeholder tokens "
+                        f"but the vision encoder gave {features.shape[0]} features"
+                    )
+                embeds[row : row + image.length] = features.to(embeds.dtype)
         return embeds
+
+    # --- outputs ---------------------------------------------------------------------------------
+    def sample(self, batch: InputBatch, logits: torch.Tensor) -> ModelRunnerOutput:
+        """Samples each logits row with its request's settings and RNG, one row at a time for now
+        (batched sampling is a later step), and appends the token to the request's state."""
+        output = ModelRunnerOutput()
+        for row, request_id in enumerate(batch.sampled_request_ids):
+            state = self.requests[request_id]
+            result = self.sampler.sample(
+                logits[row], state.sampling_params, state.output_token_ids, self.generators[request_id]
+            )
+            state.token_ids.append(result.token_id)
+            output.sampled_token_ids[request_id] = result.token_id
+            if result.logprob is not None:
+                output.logprobs[request_id] = result.logprob
+        return output
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """One tiny forward so the first request does not pay for lazy initialisation."""
+        """One tiny forward so the first request does not pay for lazy initialisation (a contiguous
+        cache: the pool is left untouched)."""
         cache = self.model.make_kv_cache(4, dtype=self.dtype, device=self.device)
         ids = torch.zeros(2, dtype=torch.long, device=self.device)
         hidden = self.model(self.model.embed_tokens(ids), torch.arange(2, device=self.device), cache)

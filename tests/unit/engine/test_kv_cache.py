@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from vlmserve.engine import kv_cache
-from vlmserve.engine.batched_request import BatchedRequest
 from vlmserve.engine.kv_cache import (
     FreeBlockQueue,
     KVCacheBlock,
@@ -13,6 +12,7 @@ from vlmserve.engine.kv_cache import (
     hash_block,
     image_extra_keys,
 )
+from vlmserve.engine.request import Request
 from vlmserve.protocol.types import EngineRequest, ImageInput, SamplingParams
 
 BLOCK_SIZE = 4
@@ -21,14 +21,14 @@ IMAGE_TOKEN = 99
 
 def make_request(
     request_id: str, token_ids: list[int], images: tuple[ImageInput, ...] = (), max_tokens: int = 8
-) -> BatchedRequest:
+) -> Request:
     engine_request = EngineRequest(
         request_id=request_id,
         prompt_token_ids=token_ids,
         sampling_params=SamplingParams(max_tokens=max_tokens),
         images=list(images),
     )
-    return BatchedRequest.from_engine_request(engine_request, max_model_len=4096)
+    return Request.from_engine_request(engine_request, max_model_len=4096)
 
 
 def make_image(content_hash: str, offset: int, length: int) -> ImageInput:
@@ -45,7 +45,7 @@ def make_manager(num_blocks: int = 16, *, caching: bool = True) -> KVCacheManage
     return KVCacheManager(num_blocks, BLOCK_SIZE, enable_prefix_caching=caching)
 
 
-def run_prefill(manager: KVCacheManager, request: BatchedRequest) -> int:
+def run_prefill(manager: KVCacheManager, request: Request) -> int:
     """Admits `request` the way the scheduler does, computes its whole prompt; the cache-hit tokens."""
     blocks, num_hit_tokens = manager.get_computed_blocks(request)
     assert manager.allocate_slots(request, request.num_tokens - num_hit_tokens, blocks) is not None

@@ -15,10 +15,9 @@ from typing import Any
 import pytest
 
 from vlmserve.engine import kv_cache
-from vlmserve.engine.batched_request import BatchedRequest
 from vlmserve.engine.kv_cache import KVCacheManager
 from vlmserve.engine.outputs import ModelRunnerOutput, SchedulerOutput
-from vlmserve.engine.request import RequestStatus
+from vlmserve.engine.request import Request, RequestStatus
 from vlmserve.engine.scheduler import Scheduler, SchedulerConfig
 from vlmserve.errors import ContextLengthExceededError, ServerBusyError
 from vlmserve.protocol.types import (
@@ -62,7 +61,7 @@ def create_requests(
     start_id: int = 0,
     max_model_len: int = 4096,
     **sampling: Any,
-) -> list[BatchedRequest]:
+) -> list[Request]:
     """Distinct prompts of num_tokens tokens (or `prompt_token_ids` for all), ids "0", "1", ..."""
     requests = []
     for index in range(start_id, start_id + num_requests):
@@ -75,7 +74,7 @@ def create_requests(
             sampling_params=SamplingParams(max_tokens=max_tokens, **sampling),
             images=list(images or []),
         )
-        requests.append(BatchedRequest.from_engine_request(engine_request, max_model_len=max_model_len))
+        requests.append(Request.from_engine_request(engine_request, max_model_len=max_model_len))
     return requests
 
 
@@ -224,7 +223,7 @@ def assert_blocks_released(scheduler: Scheduler) -> None:
     assert manager.usage == 0.0
 
 
-def add_all(scheduler: Scheduler, requests: list[BatchedRequest]) -> None:
+def add_all(scheduler: Scheduler, requests: list[Request]) -> None:
     for request in requests:
         scheduler.add_request(request)
 
