@@ -1,7 +1,9 @@
 """Image loading: data URLs, http(s) fetches with limits, and decoding to RGB with Pillow.
 
 Owns every check on untrusted image bytes: size, format (PNG and JPEG only, sniffed from the bytes),
-pixel count (read from the header before decoding), and where a URL may lead.
+pixel count (read from the header before decoding), and where a URL may lead (scheme, the allowed
+domains, public addresses only, and a time cap on the whole fetch). Asset references
+(data:image/png;asset_id,<id>) are only recognised here; inputs/assets.py resolves them.
 
 DNS rebinding: each hop's host is resolved once (getaddrinfo in a thread), every address is checked,
 and the request is then sent to a checked address itself (the URL's host is swapped for the IP; the
@@ -30,6 +32,8 @@ from vlmserve.errors import ImageLoadError, UnsupportedMediaTypeError
 _ACCEPTED_FORMATS = ("PNG", "JPEG")
 _DATA_URL_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG"}
 _MAX_URL_IN_MESSAGE = 100
+# RFC 6052's well-known NAT64 prefix: behind a NAT64 gateway, 64:ff9b::a00:1 reaches 10.0.0.1.
+_NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
 
 
 def _short(url: str) -> str:
@@ -58,10 +62,34 @@ def decode_data_url(url: str, *, max_bytes: int) -> bytes:
         )
     params = [p.strip().lower() for p in params]
     if "asset_id" in params:
-        raise ImageLoadError("image asset references (data:image/...;asset_id,...) are not supported")
+        raise ImageLoadError("image data URL is an asset reference; resolve it with the asset store")
     if "base64" not in params:
         raise ImageLoadError("image data URL must be base64-encoded (data:image/png;base64,<data>)")
     return _decode_base64(payload, max_bytes)
+
+
+def asset_reference(url: str) -> str | None:
+    """The asset id of a `data:image/<any subtype>;asset_id,<id>` URL; None for any other URL.
+
+    The subtype is nominal: the stored bytes decide the format. A non-image media type raises
+    UnsupportedMediaTypeError (415), an empty id ImageLoadError (400).
+    """
+    header, comma, payload = url.partition(",")
+    if header[:5].lower() != "data:" or not comma:
+        return None
+    media_type, *params = header[5:].split(";")
+    if "asset_id" not in (p.strip().lower() for p in params):
+        return None
+    media_type = media_type.strip().lower()
+    if not media_type.startswith("image/"):
+        raise UnsupportedMediaTypeError(
+            f"image asset reference has media type {media_type or '(none)'!r}; "
+            "use data:image/png;asset_id,<id>"
+        )
+    asset_id = payload.strip()
+    if not asset_id:
+        raise ImageLoadError("image asset reference has no asset id (data:image/png;asset_id,<id>)")
+    return asset_id
 
 
 def _decode_base64(payload: str, max_bytes: int) -> bytes:
@@ -171,8 +199,21 @@ async def fetch_image(url: str, *, client: httpx.AsyncClient, config: ServerConf
     """The body of an http(s) image URL, at most config.image_max_bytes long.
 
     Redirects (at most config.image_fetch_max_redirects) are followed here, one hop at a time, so that
-    every hop's scheme and addresses are checked. Any failure raises ImageLoadError naming the URL.
+    every hop's scheme, host (against config.image_url_allowed_domains) and addresses are checked.
+    The whole fetch, every hop and DNS lookup included, ends after config.image_fetch_total_timeout
+    seconds (the per-hop timeouts alone would let a slow drip or a redirect chain run for far longer).
+    Any failure raises ImageLoadError naming the URL.
     """
+    total = config.image_fetch_total_timeout
+    try:
+        async with asyncio.timeout(total):
+            return await _follow_redirects(url, client, config)
+    except TimeoutError as e:
+        # Only the total cap gets here: every inner timeout is turned into an ImageLoadError below it.
+        raise _error(url, f"took longer than {total:g} s") from e
+
+
+async def _follow_redirects(url: str, client: httpx.AsyncClient, config: ServerConfig) -> bytes:
     current = url
     for _ in range(config.image_fetch_max_redirects + 1):
         try:
@@ -196,7 +237,7 @@ async def _fetch_hop(
     url: str, client: httpx.AsyncClient, config: ServerConfig
 ) -> tuple[bytes | None, str | None]:
     """One request: (body, None), or (None, the redirect's absolute URL)."""
-    target = _check_url(url)
+    target = check_image_url(url, config)
     addresses = await _resolve(target, config)
     response = await _send_pinned(client, target, addresses)
     try:
@@ -216,7 +257,11 @@ def _redirect_target(target: httpx.URL, location: str) -> str:
         raise _error(str(target), f"redirect to an invalid location {_short(location)!r}") from e
 
 
-def _check_url(url: str) -> httpx.URL:
+def check_image_url(url: str, config: ServerConfig) -> httpx.URL:
+    """The parsed URL, if its scheme is http(s) and its host is allowed; else ImageLoadError.
+
+    Addresses are checked later, after resolution (a name says nothing about where it leads).
+    """
     try:
         target = httpx.URL(url)
     except (httpx.InvalidURL, ValueError) as e:
@@ -225,15 +270,41 @@ def _check_url(url: str) -> httpx.URL:
         raise _error(url, f"scheme {target.scheme or '(none)'!r} is not allowed; use http or https")
     if not target.host:
         raise _error(url, "the URL has no host")
+    allowed = config.image_url_allowed_domains
+    if allowed and not is_allowed_host(target, allowed):
+        raise _error(url, f"host {target.host!r} is not one of the allowed image domains")
     return target
+
+
+def is_allowed_host(target: httpx.URL, patterns: tuple[str, ...]) -> bool:
+    """True when the URL's host equals a pattern, or ends in `.example.com` for a `*.example.com` one.
+
+    Case and a trailing dot are ignored; an internationalised name matches in its Unicode or its
+    punycode spelling. A `*.` pattern does not match the bare domain itself.
+    """
+    names = {_normal_host(target.host), _normal_host(target.raw_host.decode("ascii", "replace"))}
+    for pattern in patterns:
+        pattern = _normal_host(pattern)
+        if pattern.startswith("*."):
+            if any(name.endswith(pattern[1:]) for name in names):
+                return True
+        elif pattern in names:
+            return True
+    return False
+
+
+def _normal_host(host: str) -> str:
+    return host.strip().lower().rstrip(".")
 
 
 async def _resolve(target: httpx.URL, config: ServerConfig) -> list[str]:
     """Every address the host resolves to, each checked unless private addresses are allowed."""
     port = target.port or (443 if target.scheme == "https" else 80)
-    lookup = asyncio.to_thread(socket.getaddrinfo, target.host, port, type=socket.SOCK_STREAM)
     try:
-        infos = await asyncio.wait_for(lookup, timeout=config.image_fetch_timeout)
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancellation that arrives
+        # as the lookup finishes, so a cancelled load would go on to connect and download.
+        async with asyncio.timeout(config.image_fetch_timeout):
+            infos = await asyncio.to_thread(socket.getaddrinfo, target.host, port, type=socket.SOCK_STREAM)
     except TimeoutError as e:
         raise _error(str(target), f"timed out resolving host {target.host!r}") from e
     except (OSError, UnicodeError) as e:
@@ -250,16 +321,25 @@ async def _resolve(target: httpx.URL, config: ServerConfig) -> list[str]:
 
 
 def is_public_address(address: str) -> bool:
-    """False for loopback, private, link-local, multicast, unspecified, reserved and other non-global
-    addresses, including IPv6 forms that embed such an IPv4 address."""
+    """False for loopback, private, link-local, site-local, multicast, unspecified, reserved and other
+    non-global addresses, including IPv6 forms that embed such an IPv4 address (IPv4-mapped, 6to4,
+    Teredo server or client, NAT64 64:ff9b::/96)."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address):
-        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
-        if embedded is not None and not is_public_address(str(embedded)):
+        if any(not is_public_address(str(embedded)) for embedded in _embedded_ipv4(ip)):
+            return False
+        if ip.is_site_local:
             return False
     refused = (ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_multicast
                or ip.is_unspecified or ip.is_reserved)
     return ip.is_global and not refused
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    embedded = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
+    if ip in _NAT64_PREFIX:
+        embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return [address for address in embedded if address is not None]
 
 
 async def _send_pinned(client: httpx.AsyncClient, target: httpx.URL, addresses: list[str]) -> httpx.Response:

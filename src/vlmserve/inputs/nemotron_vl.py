@@ -9,6 +9,10 @@ thumbnail of the whole image when there is more than one tile.
 Known divergence (docs: MODEL.md): one public copy of the Hub's processor upsamples every image 2x
 before tiling; vLLM does not, and neither do we. So 512x512 is 1 tile here (5 with the upsampling).
 
+Per-image tile budget: every method that depends on the grid takes `max_tiles` (default: the
+processor's, which is the server's --max-tiles); a request's `detail: low` asks for 1, which is the whole
+image resized to one tile (no thumbnail: there is nothing to add to a single tile).
+
 Pixel values stay in [0, 1]: the vision tower normalises them itself. Runs on CPU, off the event loop.
 """
 
@@ -99,21 +103,22 @@ class NemotronVLProcessor:
         self.image_start_id = _token_id(tokenizer, IMAGE_START_TOKEN)
         self.image_end_id = _token_id(tokenizer, IMAGE_END_TOKEN)
         self.image_token_id = _token_id(tokenizer, IMAGE_CONTEXT_TOKEN)
-        self._grids = candidate_grids(max_tiles)
+        # candidate grids per tile budget, filled on first use (the budget's own set order breaks ties)
+        self._grids = {max_tiles: candidate_grids(max_tiles)}
 
-    def grid(self, width: int, height: int) -> tuple[int, int]:
+    def grid(self, width: int, height: int, *, max_tiles: int | None = None) -> tuple[int, int]:
         """(cols, rows) of the tile grid an image of this size is resized to."""
-        return best_grid(width, height, self.tile_size, self._grids)
+        return best_grid(width, height, self.tile_size, self._candidate_grids(max_tiles))
 
-    def num_tiles(self, width: int, height: int) -> int:
+    def num_tiles(self, width: int, height: int, *, max_tiles: int | None = None) -> int:
         """Tiles of an image of this size, the thumbnail included."""
-        cols, rows = self.grid(width, height)
+        cols, rows = self.grid(width, height, max_tiles=max_tiles)
         blocks = cols * rows
         return blocks + 1 if self.use_thumbnail and blocks > 1 else blocks
 
-    def tile(self, image: Image.Image) -> list[Image.Image]:
+    def tile(self, image: Image.Image, *, max_tiles: int | None = None) -> list[Image.Image]:
         """The tiles of an RGB image: row-major grid tiles, then the thumbnail when there are several."""
-        cols, rows = self.grid(*image.size)
+        cols, rows = self.grid(*image.size, max_tiles=max_tiles)
         size = self.tile_size
         resized = image.resize((cols * size, rows * size), Image.Resampling.BICUBIC)
         tiles = [
@@ -125,23 +130,45 @@ class NemotronVLProcessor:
             tiles.append(image.resize((size, size), Image.Resampling.BICUBIC))
         return tiles
 
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
+    def preprocess(self, image: Image.Image, *, max_tiles: int | None = None) -> torch.Tensor:
         """float32 [num_tiles, 3, tile_size, tile_size] in [0, 1] for an RGB image."""
-        tiles = np.stack([np.asarray(tile.convert("RGB"), dtype=np.uint8) for tile in self.tile(image)])
-        return torch.from_numpy(tiles).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+        tiles = self.tile(image, max_tiles=max_tiles)
+        pixels = np.stack([np.asarray(tile.convert("RGB"), dtype=np.uint8) for tile in tiles])
+        return torch.from_numpy(pixels).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
 
-    def content_hash(self, image: Image.Image) -> str:
-        """sha256 of the RGB pixels, the size and every setting that changes the tiles."""
+    def content_hash(self, image: Image.Image, *, max_tiles: int | None = None) -> str:
+        """sha256 of the RGB pixels, the size and every setting that changes the tiles (the tile budget
+        included, so one image sent with detail low and high has two cache keys)."""
+        budget = self._budget(max_tiles)
         digest = hashlib.sha256()
-        settings = f"nemotron_vl|{image.size}|{self.tile_size}|{self.max_tiles}|{self.use_thumbnail}|"
+        settings = f"nemotron_vl|{image.size}|{self.tile_size}|{budget}|{self.use_thumbnail}|"
         digest.update(settings.encode())
         digest.update(image.convert("RGB").tobytes())
         return digest.hexdigest()
 
-    def process(self, image: Image.Image) -> ProcessedImage:
-        """Tiles, tensor and hash of one decoded RGB image (CPU work: call it off the event loop)."""
-        pixel_values = self.preprocess(image)
-        return ProcessedImage(pixel_values, pixel_values.shape[0], self.content_hash(image))
+    def process(self, image: Image.Image, *, max_tiles: int | None = None) -> ProcessedImage:
+        """Tiles, tensor and hash of one decoded RGB image (CPU work: call it off the event loop).
+
+        max_tiles: this image's tile budget, 1 to the processor's max_tiles; None: the processor's.
+        """
+        pixel_values = self.preprocess(image, max_tiles=max_tiles)
+        content_hash = self.content_hash(image, max_tiles=max_tiles)
+        return ProcessedImage(pixel_values, pixel_values.shape[0], content_hash)
+
+    def _budget(self, max_tiles: int | None) -> int:
+        if max_tiles is None:
+            return self.max_tiles
+        # the preprocessor maps a request's detail to 1 or self.max_tiles: anything else is a bug
+        assert 1 <= max_tiles <= self.max_tiles, f"tile budget {max_tiles} outside 1..{self.max_tiles}"
+        return max_tiles
+
+    def _candidate_grids(self, max_tiles: int | None) -> list[tuple[int, int]]:
+        budget = self._budget(max_tiles)
+        grids = self._grids.get(budget)
+        if grids is None:
+            # racing worker threads may both build it; the result is the same
+            grids = self._grids[budget] = candidate_grids(budget)
+        return grids
 
     def image_token_ids(self, num_tiles: int) -> list[int]:
         """<img>, tokens_per_tile * num_tiles x <image>, </img>."""

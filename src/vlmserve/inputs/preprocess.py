@@ -1,8 +1,9 @@
 """Validated chat messages -> engine-ready prompt token ids and image tensors.
 
-Order of work for one request: parse content, refuse too many images (before any fetch or decode),
-load the images concurrently (http fetches on the event loop; base64, decoding and tiling in worker
-threads), render the chat template with one sentinel per image, then tokenize and splice in each
+Order of work for one request: parse content, refuse too many images and unknown detail levels
+(before any fetch or decode), load the images concurrently (http fetches on the event loop; asset
+lookups, base64, decoding and tiling in worker threads; each image tiled within the budget its detail
+asks for), render the chat template with one sentinel per image, then tokenize and splice in each
 image's tokens. Nothing here runs in the engine's step loop.
 """
 
@@ -18,9 +19,16 @@ import httpx
 
 from vlmserve.config import ServerConfig
 from vlmserve.errors import InvalidRequestError
+from vlmserve.inputs.assets import AssetStore
 from vlmserve.inputs.chat_template import render_chat
 from vlmserve.inputs.content import ParsedMessage, parse_messages
-from vlmserve.inputs.media import create_fetch_client, decode_data_url, decode_image, fetch_image
+from vlmserve.inputs.media import (
+    asset_reference,
+    create_fetch_client,
+    decode_data_url,
+    decode_image,
+    fetch_image,
+)
 from vlmserve.inputs.nemotron_vl import NemotronVLProcessor, ProcessedImage
 from vlmserve.protocol.types import ChatMessage, ImageInput, ImagePart
 
@@ -39,8 +47,23 @@ class PreparedPrompt:
     prompt_text: str
 
 
+def max_tiles_for_detail(detail: str, config: ServerConfig) -> int:
+    """An image's tile budget: low = 1 (the whole image as one tile), high = config.max_tiles,
+    auto = whichever config.default_image_detail names."""
+    if detail == "auto":
+        detail = config.default_image_detail
+    if detail == "low":
+        return 1
+    if detail == "high":
+        return config.max_tiles
+    raise InvalidRequestError(
+        f"image detail must be 'auto', 'low' or 'high', got {detail!r}", param="messages"
+    )
+
+
 class InputPreprocessor:
-    """Owns the image-fetching HTTP client; call aclose() when done."""
+    """Owns the image-fetching HTTP client (call aclose() when done) and the image asset store
+    (`assets`: the HTTP layer's upload endpoint puts into the same store)."""
 
     def __init__(
         self,
@@ -49,22 +72,35 @@ class InputPreprocessor:
         config: ServerConfig,
         *,
         client: httpx.AsyncClient | None = None,
+        assets: AssetStore | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.processor = processor
         self.config = config
+        self.assets = assets if assets is not None else AssetStore.from_config(config)
         self._client = client if client is not None else create_fetch_client(config)
 
-    async def prepare(self, messages: list[ChatMessage], *, completion_mode: bool) -> PreparedPrompt:
+    async def prepare(
+        self,
+        messages: list[ChatMessage],
+        *,
+        completion_mode: bool,
+        asset_ids: frozenset[str] = frozenset(),
+    ) -> PreparedPrompt:
         """Prompt ids and images for `messages` (already validated by the HTTP layer).
 
-        Raises InvalidRequestError (too many images, template failure, image token in text),
-        ImageLoadError or UnsupportedMediaTypeError.
+        asset_ids: the ids the request's NVCF-INPUT-ASSET-REFERENCES header lists (parse it with
+        inputs.assets.parse_asset_references); an image may use an asset only when it is listed.
+        Raises InvalidRequestError (too many images, unknown detail, template failure, image token in
+        text), ImageLoadError (including every asset failure) or UnsupportedMediaTypeError.
         """
         parsed = parse_messages(messages)
         image_parts = [image for message in parsed for image in message.images]
         self._check_image_count(len(image_parts))
-        images = await _gather_or_cancel([self._load(part) for part in image_parts])
+        budgets = [max_tiles_for_detail(part.detail, self.config) for part in image_parts]
+        images = await _gather_or_cancel(
+            [self._load(part, budget, asset_ids) for part, budget in zip(image_parts, budgets, strict=True)]
+        )
         sentinel = _new_sentinel(parsed)
         return await asyncio.to_thread(self._build, parsed, images, sentinel, completion_mode)
 
@@ -79,18 +115,23 @@ class InputPreprocessor:
                 param="messages",
             )
 
-    async def _load(self, part: ImagePart) -> ProcessedImage:
+    async def _load(self, part: ImagePart, max_tiles: int, asset_ids: frozenset[str]) -> ProcessedImage:
         if part.url[:5].lower() == "data:":
-            return await asyncio.to_thread(self._process_data_url, part.url)
+            return await asyncio.to_thread(self._process_data_url, part.url, max_tiles, asset_ids)
         data = await fetch_image(part.url, client=self._client, config=self.config)
-        return await asyncio.to_thread(self._process_bytes, data)
+        return await asyncio.to_thread(self._process_bytes, data, max_tiles)
 
-    def _process_data_url(self, url: str) -> ProcessedImage:
-        return self._process_bytes(decode_data_url(url, max_bytes=self.config.image_max_bytes))
+    def _process_data_url(self, url: str, max_tiles: int, asset_ids: frozenset[str]) -> ProcessedImage:
+        asset_id = asset_reference(url)
+        if asset_id is not None:
+            data = self.assets.resolve(asset_id, asset_ids)
+        else:
+            data = decode_data_url(url, max_bytes=self.config.image_max_bytes)
+        return self._process_bytes(data, max_tiles)
 
-    def _process_bytes(self, data: bytes) -> ProcessedImage:
+    def _process_bytes(self, data: bytes, max_tiles: int) -> ProcessedImage:
         image = decode_image(data, max_pixels=self.config.image_max_pixels)
-        return self.processor.process(image)
+        return self.processor.process(image, max_tiles=max_tiles)
 
     def _build(
         self, parsed: list[ParsedMessage], images: list[ProcessedImage], sentinel: str, completion_mode: bool

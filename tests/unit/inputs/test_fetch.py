@@ -6,8 +6,10 @@ Only 127.0.0.1 ever receives traffic: every test with other addresses uses httpx
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
+import re
 import socket
 import threading
 import time
@@ -23,7 +25,7 @@ from tests.unit.inputs.helpers import encode_image
 from vlmserve.config import ServerConfig
 from vlmserve.errors import ImageLoadError
 from vlmserve.inputs import media
-from vlmserve.inputs.media import create_fetch_client, fetch_image, is_public_address
+from vlmserve.inputs.media import check_image_url, create_fetch_client, fetch_image, is_public_address
 
 PNG = encode_image(Image.new("RGB", (8, 8), (1, 2, 3)))
 MAX_BYTES = 100_000
@@ -292,6 +294,13 @@ async def test_compressed_response_refused(monkeypatch: pytest.MonkeyPatch) -> N
         ("fe80::1", False), ("fc00::1", False), ("224.0.0.251", False), ("ff02::1", False),
         ("0.0.0.0", False), ("::", False), ("240.0.0.1", False), ("100.64.0.1", False),
         ("::ffff:10.0.0.1", False), ("2002:7f00:1::1", False), ("255.255.255.255", False),
+        # multicast, unspecified, reserved and "this network"
+        ("239.255.255.250", False), ("ff0e::1", False), ("0.1.2.3", False), ("::ffff:0.0.0.0", False),
+        ("198.18.0.1", False), ("192.0.0.1", False), ("192.0.2.1", False), ("fec0::1", False),
+        # IPv4 embedded in IPv6: mapped, 6to4, Teredo (server 8.8.8.8, client 10.0.0.1), NAT64
+        ("::ffff:127.0.0.1", False), ("::ffff:93.184.216.34", False), ("2002:c0a8:101::1", False),
+        ("2001:0:808:808:0:0:f5ff:fffe", False), ("64:ff9b::a00:1", False), ("64:ff9b::7f00:1", False),
+        ("fe80::1%eth0", False),
     ],
 )
 def test_is_public_address(address: str, public: bool) -> None:
@@ -308,3 +317,176 @@ async def test_slow_dns_times_out(monkeypatch: pytest.MonkeyPatch) -> None:
         with pytest.raises(ImageLoadError, match="timed out resolving"):
             await fetch_image("http://slow.example/a.png", client=client,
                               config=_config(image_fetch_timeout=0.2))
+
+
+@pytest.mark.parametrize(
+    "address", ["224.0.0.1", "0.0.0.0", "240.0.0.1", "::ffff:127.0.0.1", "2002:a00:1::1",
+                "2001:0:808:808:0:0:f5ff:fffe", "::", "ff02::1"],
+)
+async def test_names_resolving_to_refused_addresses(monkeypatch: pytest.MonkeyPatch, address: str) -> None:
+    lookups = _fake_dns(monkeypatch, {"sneaky.example": [address]})
+    recorder = _Recorder()
+    async with _mock_client(recorder) as client:
+        with pytest.raises(ImageLoadError, match=f"refused address {re.escape(address)}"):
+            await fetch_image("http://sneaky.example/a.png", client=client,
+                              config=_config(allow_private_image_urls=False))
+    assert lookups == ["sneaky.example"] and recorder.requests == []
+
+
+@pytest.mark.parametrize(
+    ("host", "address"),
+    [("2130706433", "127.0.0.1"), ("0x7f000001", "127.0.0.1"), ("127.1", "127.0.0.1"),
+     ("017700000001", "127.0.0.1"), ("0", "0.0.0.0")],
+)
+async def test_numeric_host_spellings_are_checked_as_resolved(
+    monkeypatch: pytest.MonkeyPatch, host: str, address: str
+) -> None:
+    real_getaddrinfo = socket.getaddrinfo
+
+    def numeric_only(name: str, port: int, *args: Any, **kwargs: Any) -> list[Any]:
+        # AI_NUMERICHOST: the C library parses the number itself and never asks a DNS server
+        return real_getaddrinfo(name, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+
+    monkeypatch.setattr(media.socket, "getaddrinfo", numeric_only)
+    recorder = _Recorder()
+    async with _mock_client(recorder) as client:
+        with pytest.raises(ImageLoadError, match=f"refused address {re.escape(address)}"):
+            await fetch_image(f"http://{host}/a.png", client=client,
+                              config=_config(allow_private_image_urls=False))
+    assert recorder.requests == []
+
+
+async def test_redirect_to_a_name_is_resolved_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    lookups = _fake_dns(monkeypatch, {"images.example": ["93.184.216.34"], "internal.example": ["10.0.0.5"]})
+    recorder = _Recorder(httpx.Response(302, headers={"Location": "http://internal.example/x.png"}))
+    async with _mock_client(recorder) as client:
+        with pytest.raises(ImageLoadError, match=r"internal\.example.*refused address 10\.0\.0\.5"):
+            await fetch_image("http://images.example/a.png", client=client,
+                              config=_config(allow_private_image_urls=False))
+    assert lookups == ["images.example", "internal.example"] and len(recorder.requests) == 1
+
+
+# ---------------------------------------------------------------------------------------- allowed domains
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed"),
+    [
+        ("https://example.com/a.png", True),
+        ("https://EXAMPLE.com./a.png", True),
+        ("https://cdn.example.com/a.png", False),
+        ("https://img.cdn.example.org/a.png", True),
+        ("https://cdn.example.org/a.png", True),
+        ("https://example.org/a.png", False),  # *. does not match the bare domain
+        ("https://badexample.org/a.png", False),
+        ("https://example.org.evil.com/a.png", False),
+        ("https://bücher.de/a.png", True),
+        ("https://xn--bcher-kva.de/a.png", True),
+        ("http://93.184.216.34/a.png", True),
+        ("http://[2606:4700:4700::1111]/a.png", True),
+        ("http://93.184.216.35/a.png", False),
+    ],
+)
+def test_allowed_domains(url: str, allowed: bool) -> None:
+    config = _config(image_url_allowed_domains=(
+        "example.com", "*.example.org", "bücher.de", "93.184.216.34", "2606:4700:4700::1111"
+    ))
+    if allowed:
+        assert check_image_url(url, config).host
+    else:
+        with pytest.raises(ImageLoadError, match="is not one of the allowed image domains") as info:
+            check_image_url(url, config)
+        assert repr(httpx.URL(url).host) in info.value.message
+
+
+def test_no_allowed_domains_means_any() -> None:
+    assert check_image_url("https://anything.example/a.png", _config()).host == "anything.example"
+
+
+async def test_allowlist_refuses_before_resolving(monkeypatch: pytest.MonkeyPatch) -> None:
+    lookups = _fake_dns(monkeypatch, {})
+    recorder = _Recorder()
+    async with _mock_client(recorder) as client:
+        with pytest.raises(ImageLoadError, match=r"'other\.example' is not one of the allowed"):
+            await fetch_image("http://other.example/a.png", client=client,
+                              config=_config(image_url_allowed_domains=("images.example",)))
+    assert lookups == [] and recorder.requests == []
+
+
+async def test_allowlist_applies_to_every_redirect(monkeypatch: pytest.MonkeyPatch) -> None:
+    lookups = _fake_dns(monkeypatch, {"images.example": ["93.184.216.34"]})
+    recorder = _Recorder(httpx.Response(302, headers={"Location": "https://elsewhere.example/a.png"}))
+    config = _config(allow_private_image_urls=False, image_url_allowed_domains=("images.example",))
+    async with _mock_client(recorder) as client:
+        with pytest.raises(ImageLoadError, match=r"'elsewhere\.example' is not one of the allowed"):
+            await fetch_image("http://images.example/a.png", client=client, config=config)
+    assert lookups == ["images.example"] and len(recorder.requests) == 1
+
+
+# ------------------------------------------------------------------------------------------ total time
+
+
+class _Drip(httpx.AsyncByteStream):
+    """A body that arrives a few bytes at a time, each chunk well within any read timeout."""
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            yield b"\x00" * 10
+
+
+async def test_total_time_cap_stops_a_slow_drip(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_dns(monkeypatch, {"images.example": ["93.184.216.34"]})
+    recorder = _Recorder(httpx.Response(200, stream=_Drip()))
+    config = _config(allow_private_image_urls=False, image_fetch_timeout=5.0, image_fetch_total_timeout=0.3)
+    started = time.monotonic()
+    async with _mock_client(recorder) as client:
+        with pytest.raises(ImageLoadError, match=r"images\.example/a\.png: took longer than 0\.3 s"):
+            await fetch_image("http://images.example/a.png", client=client, config=config)
+    assert time.monotonic() - started < 1.0
+
+
+async def test_total_time_cap_covers_dns(monkeypatch: pytest.MonkeyPatch) -> None:
+    def slow_getaddrinfo(*args: Any, **kwargs: Any) -> list[Any]:
+        time.sleep(0.5)
+        return []
+
+    monkeypatch.setattr(media.socket, "getaddrinfo", slow_getaddrinfo)
+    config = _config(image_fetch_timeout=5.0, image_fetch_total_timeout=0.1)
+    async with _mock_client(_Recorder()) as client:
+        with pytest.raises(ImageLoadError, match=r"took longer than 0\.1 s"):
+            await fetch_image("http://slow.example/a.png", client=client, config=config)
+
+
+async def test_a_cancel_during_dns_is_not_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cancel that lands just as the DNS lookup finishes must still cancel (asyncio.wait_for in
+    Python 3.11 returned the lookup's result instead, and the fetch went on to download the image).
+
+    The cancel is sent 0..7 loop iterations after the lookup thread ends, to hit every step of the
+    handover from the thread back to the fetch; a fetch that finished before the cancel is skipped.
+    """
+    num_checked = 0
+    for iterations in range(8):
+        lookup_done = threading.Event()
+
+        def getaddrinfo(host: str, port: int, *args: Any, _done: threading.Event = lookup_done,
+                        **kwargs: Any) -> list[Any]:
+            _done.set()
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", port))]
+
+        monkeypatch.setattr(media.socket, "getaddrinfo", getaddrinfo)
+        async with httpx.AsyncClient(transport=httpx.MockTransport(lambda request: _ok())) as client:
+            task = asyncio.ensure_future(fetch_image("http://images.example/a.png", client=client,
+                                                     config=_config(allow_private_image_urls=False)))
+            while not lookup_done.wait(0.001):
+                await asyncio.sleep(0)
+            time.sleep(0.01)  # the thread's result is now queued on the loop
+            for _ in range(iterations):
+                await asyncio.sleep(0)
+            if task.done():
+                continue
+            num_checked += 1
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+    assert num_checked >= 2

@@ -10,7 +10,7 @@ from PIL import Image
 
 from tests.unit.inputs.helpers import data_url, encode_image
 from vlmserve.errors import ImageLoadError, UnsupportedMediaTypeError
-from vlmserve.inputs.media import decode_data_url, decode_image, sniff_format, to_rgb
+from vlmserve.inputs.media import asset_reference, decode_data_url, decode_image, sniff_format, to_rgb
 
 MAX_BYTES = 1 << 20
 MAX_PIXELS = 10_000_000
@@ -65,9 +65,31 @@ def test_data_url_malformed_is_400(url: str) -> None:
         decode_data_url(url, max_bytes=MAX_BYTES)
 
 
-def test_data_url_asset_reference_is_400() -> None:
+def test_asset_reference_is_not_decoded_as_base64() -> None:
     with pytest.raises(ImageLoadError, match="asset"):
         decode_data_url("data:image/png;asset_id,1234-abcd", max_bytes=MAX_BYTES)
+
+
+@pytest.mark.parametrize(
+    ("url", "asset_id"),
+    [
+        ("data:image/png;asset_id,1234-abcd", "1234-abcd"),
+        ("DATA:image/jpeg; Asset_ID , 1234-abcd ", "1234-abcd"),
+        ("data:image/webp;asset_id,x", "x"),  # any image subtype: the stored bytes decide
+        ("data:image/png;base64,AAAA", None),
+        ("http://example.com/a.png;asset_id,x", None),
+        ("data:image/png;asset_id", None),  # no comma: not a data URL at all (decode_data_url says why)
+    ],
+)
+def test_asset_reference(url: str, asset_id: str | None) -> None:
+    assert asset_reference(url) == asset_id
+
+
+def test_asset_reference_errors() -> None:
+    with pytest.raises(UnsupportedMediaTypeError, match="text/plain"):
+        asset_reference("data:text/plain;asset_id,1234")
+    with pytest.raises(ImageLoadError, match="no asset id"):
+        asset_reference("data:image/png;asset_id,  ")
 
 
 def test_data_url_too_big_is_400() -> None:

@@ -133,6 +133,33 @@ def test_content_hash(processor: NemotronVLProcessor, tiny_tokenizer: Any) -> No
     assert len(processor.content_hash(image)) == 64
 
 
+@pytest.mark.parametrize("budget", [1, 2, 5, 12])
+def test_per_image_budget_equals_a_processor_built_with_it(tiny_tokenizer: Any, budget: int) -> None:
+    full = NemotronVLProcessor(SMALL_TILE_CONFIG, tiny_tokenizer, max_tiles=12)
+    limited = NemotronVLProcessor(SMALL_TILE_CONFIG, tiny_tokenizer, max_tiles=budget)
+    rng = np.random.default_rng(budget)
+    image = Image.fromarray(rng.integers(0, 256, (50, 130, 3), dtype=np.uint8))
+    for width, height in [(130, 50), (33, 400), (1000, 1000), (64, 32)]:
+        assert full.num_tiles(width, height, max_tiles=budget) == limited.num_tiles(width, height)
+    processed, expected = full.process(image, max_tiles=budget), limited.process(image)
+    assert processed.num_tiles == expected.num_tiles
+    assert torch.equal(processed.pixel_values, expected.pixel_values)
+    assert processed.content_hash == expected.content_hash
+    assert full.process(image, max_tiles=12).content_hash == full.process(image).content_hash
+
+
+def test_budget_of_one_is_the_whole_image_resized(tiny_tokenizer: Any) -> None:
+    processor = NemotronVLProcessor(SMALL_TILE_CONFIG, tiny_tokenizer, max_tiles=12)
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (40, 200, 3), dtype=np.uint8))
+    low, high = processor.process(image, max_tiles=1), processor.process(image)
+    assert low.num_tiles == 1 and high.num_tiles > 1
+    thumbnail = np.array(image.resize((32, 32), Image.Resampling.BICUBIC))
+    assert torch.equal(low.pixel_values[0], torch.from_numpy(thumbnail).permute(2, 0, 1).float() / 255.0)
+    # the same pixels at another budget are another cache key
+    assert low.content_hash != high.content_hash
+
+
 def test_image_token_ids(processor: NemotronVLProcessor, tiny_tokenizer: PreTrainedTokenizerFast) -> None:
     ids = processor.image_token_ids(3)
     assert ids[0] == tiny_tokenizer.convert_tokens_to_ids("<img>")

@@ -12,7 +12,7 @@ from tests.unit.inputs.helpers import SMALL_TILE_CONFIG, encode_image, png_data_
 from vlmserve.config import ServerConfig
 from vlmserve.errors import ImageLoadError, InvalidRequestError, UnsupportedMediaTypeError
 from vlmserve.inputs.nemotron_vl import NemotronVLProcessor
-from vlmserve.inputs.preprocess import InputPreprocessor, PreparedPrompt
+from vlmserve.inputs.preprocess import InputPreprocessor, PreparedPrompt, max_tiles_for_detail
 from vlmserve.protocol.types import ChatMessage, ImagePart, TextPart
 
 PNG = encode_image(Image.new("RGB", (64, 32), (0, 128, 255)))
@@ -32,7 +32,7 @@ def _refuse(request: httpx.Request) -> httpx.Response:
 
 def _preprocessor(tokenizer: Any, handler: Any = _refuse, **settings: Any) -> InputPreprocessor:
     config = ServerConfig(**({"allow_private_image_urls": True} | settings))
-    processor = NemotronVLProcessor(SMALL_TILE_CONFIG, tokenizer, max_tiles=12)
+    processor = NemotronVLProcessor(SMALL_TILE_CONFIG, tokenizer, max_tiles=config.max_tiles)
     client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
     return InputPreprocessor(tokenizer, processor, config, client=client)
 
@@ -148,3 +148,69 @@ async def test_image_token_in_text_is_refused(tiny_tokenizer: Any) -> None:
     with pytest.raises(InvalidRequestError, match="image token"):
         await preprocessor.prepare([ChatMessage("user", "describe <image> please")], completion_mode=False)
     await preprocessor.aclose()
+
+
+# ------------------------------------------------------------------------------------------ image detail
+
+WIDE = png_data_url(200, 40)
+
+
+async def _prepare_one(tokenizer: Any, part_or_text: ImagePart | str, **settings: Any) -> PreparedPrompt:
+    preprocessor = _preprocessor(tokenizer, **settings)
+    content = part_or_text if isinstance(part_or_text, str) else [part_or_text, TextPart("What is this?")]
+    prepared = await preprocessor.prepare([ChatMessage("user", content)], completion_mode=False)
+    await preprocessor.aclose()
+    return prepared
+
+
+async def test_detail_low_is_one_tile_and_high_is_the_full_budget(tiny_tokenizer: Any) -> None:
+    low = await _prepare_one(tiny_tokenizer, ImagePart(WIDE, detail="low"))
+    high = await _prepare_one(tiny_tokenizer, ImagePart(WIDE, detail="high"))
+    processor = NemotronVLProcessor(SMALL_TILE_CONFIG, tiny_tokenizer, max_tiles=12)
+    num_tiles = processor.num_tiles(200, 40)
+    assert num_tiles > 1
+    assert [image.num_tiles for image in low.images] == [1]
+    assert [image.num_tiles for image in high.images] == [num_tiles]
+    # usage.prompt_tokens is len(prompt_token_ids): it differs by exactly the extra tiles' tokens
+    extra = (num_tiles - 1) * processor.tokens_per_tile
+    assert len(high.prompt_token_ids) - len(low.prompt_token_ids) == extra
+    _check_spans(low, processor.image_token_id)
+    _check_spans(high, processor.image_token_id)
+    # one image at two budgets: two embedding-cache keys
+    assert low.images[0].content_hash != high.images[0].content_hash
+
+
+@pytest.mark.parametrize(("default", "expected"), [("high", "high"), ("low", "low")])
+async def test_auto_and_img_tags_follow_the_server_default(
+    tiny_tokenizer: Any, default: str, expected: str
+) -> None:
+    reference = await _prepare_one(tiny_tokenizer, ImagePart(WIDE, detail=expected))
+    auto = await _prepare_one(tiny_tokenizer, ImagePart(WIDE, detail="auto"), default_image_detail=default)
+    assert auto.images[0].num_tiles == reference.images[0].num_tiles
+    assert auto.images[0].content_hash == reference.images[0].content_hash
+    tag = await _prepare_one(tiny_tokenizer, f'<img src="{WIDE}" />', default_image_detail=default)
+    assert tag.images[0].num_tiles == reference.images[0].num_tiles
+
+
+async def test_high_follows_max_tiles(tiny_tokenizer: Any) -> None:
+    preprocessor = _preprocessor(tiny_tokenizer, max_tiles=4)
+    prepared = await preprocessor.prepare([ChatMessage("user", [ImagePart(WIDE, detail="high")])],
+                                          completion_mode=False)
+    assert prepared.images[0].num_tiles == preprocessor.processor.num_tiles(200, 40) <= 5
+    await preprocessor.aclose()
+
+
+async def test_unknown_detail_is_400_before_loading(tiny_tokenizer: Any) -> None:
+    preprocessor = _preprocessor(tiny_tokenizer)
+    message = ChatMessage("user", [ImagePart("http://10.0.0.1/a.png", detail="ultra")])
+    with pytest.raises(InvalidRequestError, match="must be 'auto', 'low' or 'high', got 'ultra'") as info:
+        await preprocessor.prepare([message], completion_mode=False)
+    assert info.value.status == 400 and info.value.param == "messages"
+    await preprocessor.aclose()
+
+
+def test_max_tiles_for_detail() -> None:
+    config = ServerConfig(max_tiles=7)
+    assert [max_tiles_for_detail(d, config) for d in ("low", "high", "auto")] == [1, 7, 7]
+    low_default = ServerConfig(max_tiles=7, default_image_detail="low")
+    assert max_tiles_for_detail("auto", low_default) == 1
