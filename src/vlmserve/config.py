@@ -93,7 +93,7 @@ class ServerConfig:
     )
     default_image_detail: str = setting(
         "high",
-        "Tile budget for images whose detail is auto (and for <img> tags): low = one tile "
+        "Tile budget for images whose detail is auto (and for img tags in string content): low = one tile "
         "(the whole image resized), high = --max-tiles.",
         env=("VLMSERVE_DEFAULT_IMAGE_DETAIL",),
         choices=("low", "high"),

@@ -1,7 +1,7 @@
 """Renders the settings table of the README from ServerConfig, so docs and --help cannot drift.
 
-`python -m vlmserve.config_doc` prints the table (`--write README.md` puts it in place); `tests/unit/test_config_doc.py` checks that the
-README holds exactly this table between its markers.
+`python -m vlmserve.config_doc` prints the table (`--write README.md` puts it in place);
+`tests/unit/test_config_doc.py` checks that the README holds exactly this table between its markers.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def settings_table() -> str:
     rows = ["| flag | environment | default | what |", "|---|---|---|---|"]
     for f in dataclasses.fields(ServerConfig):
         env = ", ".join(f"`{e}`" for e in f.metadata.get("env", ())) or "-"
-        default = "" if f.default is None else str(f.default)
+        default = "" if f.default in (None, ()) else str(f.default)
         if f.name == "cache_dir":
             default = "~/.cache/vlmserve"
         help_text = f.metadata["help"]

@@ -147,8 +147,11 @@ class PagedKVCache:
 
     Shape: key_cache[i], value_cache[i]: [num_blocks, block_size, num_kv_heads, head_dim]. The token
     at position p of a request lives in slot p % block_size of block block_table[p // block_size],
-    flat slot block_id * block_size + p % block_size. Zero-filled: slots not yet written are read
-    (masked out) by padded decode gathers, and garbage there could be NaN, which a mask does not stop.
+    flat slot block_id * block_size + p % block_size. Slots not yet written are read (masked out) by
+    padded decode gathers, and garbage there could be NaN, which a mask does not stop: so the pool is
+    allocated uninitialised (no memory is touched until used, and start-up does not pay for zeroing
+    gigabytes) and each block is zeroed when the runner hands it to a request (`zero_blocks`);
+    block 0, the gathers' padding, is zeroed at allocation.
     """
 
     key_cache: list[torch.Tensor]
@@ -159,10 +162,20 @@ class PagedKVCache:
         cls, spec: KVCacheSpec, num_blocks: int, block_size: int, *, device: torch.device | str
     ) -> PagedKVCache:
         shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
-        return cls(
-            key_cache=[torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)],
-            value_cache=[torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)],
+        cache = cls(
+            key_cache=[torch.empty(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)],
+            value_cache=[torch.empty(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)],
         )
+        cache.zero_blocks([0])
+        return cache
+
+    def zero_blocks(self, block_ids: list[int]) -> None:
+        """Clears blocks about to be written by a request (see the class docstring)."""
+        if not block_ids:
+            return
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.key_cache[0].device)
+        for cache in (*self.key_cache, *self.value_cache):
+            cache.index_fill_(0, index, 0)
 
     @property
     def num_blocks(self) -> int:

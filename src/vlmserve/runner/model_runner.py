@@ -70,10 +70,13 @@ class ModelRunner:
             self.requests.pop(request_id, None)
         for new in scheduler_output.scheduled_new_requests:
             self.requests[new.request_id] = self._new_state(new)
+            # blocks past the prefix-cache hit are fresh: clear them before they are written
+            self.kv_cache.zero_blocks(new.block_ids[new.num_computed_tokens // self.kv_cache.block_size :])
         for running in scheduler_output.scheduled_running_requests:
             state = self.requests[running.request_id]
             state.block_ids.extend(running.new_block_ids)
             state.num_computed_tokens = running.num_computed_tokens
+            self.kv_cache.zero_blocks(list(running.new_block_ids))
 
     def _new_state(self, new: NewRequestData) -> CachedRequestState:
         if new.request_id not in self.generators:
