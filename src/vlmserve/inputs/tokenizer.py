@@ -1,7 +1,8 @@
 """Load a checkpoint's tokenizer and its stop ids, without AutoTokenizer or remote code.
 
 The tokenizer is transformers' `PreTrainedTokenizerFast` built from `tokenizer.json` and
-`tokenizer_config.json`; the chat template comes from `tokenizer_config.json` or `chat_template.jinja`.
+`tokenizer_config.json`; the chat template comes from `tokenizer_config.json`, `chat_template.jinja`
+or `chat_template.json`.
 """
 
 from __future__ import annotations
@@ -38,12 +39,17 @@ def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerFast:
 
 
 def _read_template_file(model_dir: Path) -> str:
+    """chat_template.jinja, or chat_template.json's "chat_template" (where processors keep it)."""
     path = model_dir / "chat_template.jinja"
-    if not path.is_file():
-        raise ModelLoadError(
-            f"{model_dir / 'tokenizer_config.json'}: no chat_template, and {path} is missing"
-        )
-    return path.read_text(encoding="utf-8")
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    template = _read_json(model_dir / "chat_template.json").get("chat_template")
+    if isinstance(template, str) and template:
+        return template
+    raise ModelLoadError(
+        f"{model_dir / 'tokenizer_config.json'}: no chat_template, and neither {path.name} "
+        "nor chat_template.json holds one"
+    )
 
 
 def eos_token_ids(model_dir: Path, tokenizer: PreTrainedTokenizerFast) -> set[int]:

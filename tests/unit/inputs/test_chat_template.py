@@ -54,3 +54,43 @@ def test_template_error_is_invalid_request(tiny_tokenizer_dir: Path) -> None:
     with pytest.raises(InvalidRequestError, match="roles must alternate") as info:
         render_chat(tokenizer, [ParsedMessage("user", ["hi"])], sentinel=S, completion_mode=False)
     assert info.value.param == "messages"
+
+
+PARTS_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}:"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% elif part['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def test_templates_that_iterate_typed_parts_get_parts(tiny_tokenizer: object) -> None:
+    """SmolVLM-style templates read content as typed parts and write their own image placeholder;
+    a plain string would make them drop the text."""
+    original = tiny_tokenizer.chat_template
+    tiny_tokenizer.chat_template = PARTS_TEMPLATE
+    try:
+        messages = [ParsedMessage("user", ["Compare ", IMG, " and ", IMG])]
+        text = render_chat(tiny_tokenizer, messages, sentinel=S, completion_mode=False)
+        # (HF renders with trim_blocks: the newline after a block tag goes)
+        assert text == f"user:Compare {S} and {S}assistant:"
+        with pytest.raises(InvalidRequestError, match="image token"):
+            render_chat(
+                tiny_tokenizer, [ParsedMessage("user", ["a <image> b"])], sentinel=S, completion_mode=False
+            )
+    finally:
+        tiny_tokenizer.chat_template = original
+
+
+def test_chat_template_json_is_read(tmp_path: Path, tiny_tokenizer: object) -> None:
+    import json
+
+    tiny_tokenizer.save_pretrained(tmp_path)
+    config_path = tmp_path / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("chat_template", None)
+    config_path.write_text(json.dumps(config))
+    for name in ("chat_template.jinja",):
+        (tmp_path / name).unlink(missing_ok=True)
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": PARTS_TEMPLATE}))
+    assert load_tokenizer(tmp_path).chat_template == PARTS_TEMPLATE
