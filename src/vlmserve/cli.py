@@ -8,19 +8,26 @@ default. No serving logic lives here.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
+import signal
+import ssl as stdlib_ssl
+import threading
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
 from vlmserve import __version__
 from vlmserve.config import ConfigError, ServerConfig
+from vlmserve.logs import configure_logging
 from vlmserve.server.app import create_app
+from vlmserve.server.routes import AppState
 
 if TYPE_CHECKING:
     from vlmserve.bootstrap import ModelServer
@@ -81,22 +88,71 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Se
     return ServerConfig(**values)
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, with a graceful SIGTERM/SIGINT: the app starts draining at once (readiness and
+    new requests 503), uvicorn stops accepting and waits up to --shutdown-grace-seconds for the
+    requests in flight, and the process then exits with our status, not by re-raising the signal."""
+
+    def __init__(self, config: uvicorn.Config, state: AppState) -> None:
+        super().__init__(config)
+        self.app_state = state
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.should_exit:
+            logging.getLogger(__name__).info(
+                "signal %d: draining; in-flight requests get %.0f s to finish",
+                sig,
+                self.app_state.config.shutdown_grace_seconds,
+            )
+        self.app_state.is_draining = True
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+
+def uvicorn_config(config: ServerConfig, app: Any) -> uvicorn.Config:
+    """uvicorn's settings for `config`: address, TLS/mTLS, the shutdown grace period."""
+    ssl: dict[str, Any] = {}
+    if config.ssl_mode != "DISABLED":
+        ssl = {"ssl_keyfile": config.ssl_key_path, "ssl_certfile": config.ssl_certs_path}
+        if config.ssl_ca_certs_path:
+            ssl["ssl_ca_certs"] = config.ssl_ca_certs_path
+        if config.ssl_mode == "MTLS":
+            ssl["ssl_cert_reqs"] = stdlib_ssl.CERT_REQUIRED
+    return uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level=config.log_level.lower(),
+        log_config=None,
+        timeout_graceful_shutdown=config.shutdown_grace_seconds,
+        **ssl,
+    )
+
+
 def run_server(config: ServerConfig, load: Callable[[ServerConfig], ModelServer]) -> int:
-    """Serve until shutdown; 1 when the model failed to load, else 0."""
+    """Serve until shutdown; 1 when the model failed to load or the engine died, else 0."""
     server: uvicorn.Server | None = None
 
-    def stop_on_load_failure(exc: BaseException) -> None:
+    def stop_on_failure(exc: BaseException) -> None:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(config, load, on_load_failure=stop_on_load_failure)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app, host=config.host, port=config.port, log_level=config.log_level.lower(), log_config=None
-        )
-    )
+    app = create_app(config, load, on_load_failure=stop_on_failure)
+    state = app.state.vlmserve
+    server = _Server(uvicorn_config(config, app), state)
     server.run()
-    return 1 if app.state.vlmserve.load_failed else 0
+    return 1 if state.load_failed or state.engine_died else 0
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -106,10 +162,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         config = config_from_args(args, os.environ)
     except ConfigError as exc:
         serve.error(str(exc))
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if config.log_level != "DEBUG":
-        # httpx logs each image fetch with its URL at INFO: image URLs are request content (often signed)
-        logging.getLogger("httpx").setLevel(logging.WARNING)
+    configure_logging(config.log_level, jsonl=config.jsonl_logging)
     from vlmserve.bootstrap import load_model_server  # torch and the model code load only to serve
 
     raise SystemExit(run_server(config, load_model_server))

@@ -153,6 +153,69 @@ class ServerConfig:
         env=("NIM_LOG_LEVEL",),
         choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
     )
+    jsonl_logging: bool = setting(
+        False,
+        "Log one JSON object per line (time, level, logger, request_id, message) instead of text.",
+        env=("NIM_JSONL_LOGGING",),
+    )
+    disable_log_requests: bool = setting(
+        True,
+        "Keep prompts out of the logs. Off (0): each chat request's prompt text is logged at INFO, "
+        "truncated; image bytes and URLs never are.",
+        env=("NIM_DISABLE_LOG_REQUESTS",),
+    )
+    api_key: str | None = setting(
+        None,
+        "Require `Authorization: Bearer <key>` on every path but --api-key-exempt-paths (401 otherwise). "
+        "Empty: no key.",
+        env=("NIM_API_KEY", "VLMSERVE_API_KEY"),
+    )
+    api_key_exempt_paths: tuple[str, ...] = setting(
+        ("/v1/health/live", "/v1/health/ready", "/v1/metrics"),
+        "Comma-separated paths that need no API key (exact matches).",
+        env=("VLMSERVE_API_KEY_EXEMPT_PATHS",),
+    )
+    max_request_body_bytes: int = setting(
+        32 * 1024 * 1024,
+        "Largest request body (413 beyond it, before the body is parsed). The default holds one "
+        "--image-max-bytes image as a base64 data URL; raise it for several large images per request.",
+        env=("VLMSERVE_MAX_REQUEST_BODY_BYTES",),
+    )
+    ssl_mode: str = setting(
+        "DISABLED",
+        "TLS: serve HTTPS with --ssl-key-path and --ssl-certs-path; MTLS: also require client "
+        "certificates signed by --ssl-ca-certs-path.",
+        env=("NIM_SSL_MODE",),
+        choices=("DISABLED", "TLS", "MTLS"),
+    )
+    ssl_key_path: str | None = setting(None, "PEM private key of the server.", env=("NIM_SSL_KEY_PATH",))
+    ssl_certs_path: str | None = setting(
+        None, "PEM certificate (chain) of the server.", env=("NIM_SSL_CERTS_PATH",)
+    )
+    ssl_ca_certs_path: str | None = setting(
+        None, "PEM CA certificates client certificates must chain to (MTLS).", env=("NIM_SSL_CA_CERTS_PATH",)
+    )
+    cors_allow_origins: tuple[str, ...] = setting(
+        (),
+        "Comma-separated origins allowed to call from a browser (* for any). Empty: CORS off.",
+        env=("NIM_CORS_ALLOW_ORIGINS",),
+    )
+    cors_allow_credentials: bool = setting(
+        False,
+        "Allow credentials (cookies, Authorization) in CORS requests.",
+        env=("NIM_CORS_ALLOW_CREDENTIALS",),
+    )
+    cors_allow_methods: tuple[str, ...] = setting(
+        ("*",), "Comma-separated methods allowed in CORS requests.", env=("NIM_CORS_ALLOW_METHODS",)
+    )
+    cors_allow_headers: tuple[str, ...] = setting(
+        ("*",), "Comma-separated request headers allowed in CORS requests.", env=("NIM_CORS_ALLOW_HEADERS",)
+    )
+    shutdown_grace_seconds: float = setting(
+        30.0,
+        "On SIGTERM: seconds in-flight requests get to finish (new ones get 503) before they are cut.",
+        env=("VLMSERVE_SHUTDOWN_GRACE_SECONDS",),
+    )
 
     def __post_init__(self) -> None:
         _check_range("port", self.port, 0, 65535)
@@ -193,17 +256,55 @@ class ServerConfig:
             raise ConfigError("image_url_allowed_domains must be a tuple of hosts, not a string")
         for pattern in self.image_url_allowed_domains:
             _check_domain_pattern(pattern)
+        _check_range("max_request_body_bytes", self.max_request_body_bytes, 1024, 1 << 40)
+        if not self.shutdown_grace_seconds >= 0:
+            raise ConfigError(f"shutdown_grace_seconds must be >= 0, got {self.shutdown_grace_seconds}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("api_key must not be blank (leave it unset for no key)")
+        for path in self.api_key_exempt_paths:
+            if not path.startswith("/"):
+                raise ConfigError(f"api_key_exempt_paths: {path!r} must be a path starting with /")
+        for name in _LIST_SETTINGS:
+            if isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a tuple of strings, not a string")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ConfigError(
                     f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}"
                 )
+        _check_ssl(self)
 
 
 def _check_range(name: str, value: int, low: int, high: int) -> None:
     if not low <= value <= high:
         raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+
+
+def _check_ssl(config: ServerConfig) -> None:
+    """TLS needs a key and a certificate, MTLS also the CA; every file named must be readable."""
+    if config.ssl_mode == "DISABLED":
+        return
+    needed = {"ssl_key_path": config.ssl_key_path, "ssl_certs_path": config.ssl_certs_path}
+    if config.ssl_mode == "MTLS" or config.ssl_ca_certs_path:
+        needed["ssl_ca_certs_path"] = config.ssl_ca_certs_path
+    for name, value in needed.items():
+        if not value:
+            env = _FIELD_ENV[name]
+            raise ConfigError(f"ssl_mode {config.ssl_mode} needs {name} (--{name.replace('_', '-')}, {env})")
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"{name}: {path} does not exist or is not a file")
+        if not os.access(path, os.R_OK):
+            raise ConfigError(f"{name}: {path} is not readable")
+
+
+_LIST_SETTINGS = ("api_key_exempt_paths", "cors_allow_origins", "cors_allow_methods", "cors_allow_headers")
+_FIELD_ENV = {
+    "ssl_key_path": "NIM_SSL_KEY_PATH",
+    "ssl_certs_path": "NIM_SSL_CERTS_PATH",
+    "ssl_ca_certs_path": "NIM_SSL_CA_CERTS_PATH",
+}
 
 
 def _check_domain_pattern(pattern: str) -> None:

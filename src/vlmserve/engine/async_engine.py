@@ -11,14 +11,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from vlmserve.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from vlmserve.engine.engine_core import EngineCore
 from vlmserve.errors import EngineDeadError, InvalidRequestError, RequestFailedError, ServerBusyError
+from vlmserve.metrics.stats import EncoderStats, EngineTotals, RequestStats, SchedulerStats
 from vlmserve.protocol.types import EngineOutput, EngineRequest, FinishReason
+
+RequestStatsSink = Callable[[RequestStats], None]
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +35,10 @@ class _RequestState:
     detokenizer: IncrementalDetokenizer
     stop_matcher: StopStringMatcher
     queue: asyncio.Queue[EngineOutput] = field(default_factory=asyncio.Queue)
+    # time.monotonic() when generate() was called, and when the first generated token arrived
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    num_output_tokens: int = 0
 
 
 class AsyncEngine:
@@ -42,6 +50,8 @@ class AsyncEngine:
         self.max_waiting_requests = max_waiting_requests
         self._states: dict[str, _RequestState] = {}
         self._lock = threading.Lock()
+        # called on the event loop with each ended request's timings (the metrics exporter adds one)
+        self.request_stats_sinks: list[RequestStatsSink] = []
         self.core: EngineCore = core_factory(self._on_outputs)
         self.core.start()
 
@@ -54,10 +64,17 @@ class AsyncEngine:
         RequestFailedError or EngineDeadError."""
         state = self._register(request)
         finished = False
+        finish_reason = "abort"
         try:
             while not finished:
                 output = await state.queue.get()
                 finished = output.finish_reason is not None
+                if finished:
+                    finish_reason = output.finish_reason.name.lower()  # type: ignore[union-attr]
+                if output.new_token_ids:
+                    state.num_output_tokens += len(output.new_token_ids)
+                    if state.first_token_time is None:
+                        state.first_token_time = time.monotonic()
                 if output.finish_reason is FinishReason.ERROR:
                     if not self.is_running:
                         raise EngineDeadError(output.error or "the engine stopped")
@@ -65,13 +82,25 @@ class AsyncEngine:
                 if output.finish_reason is FinishReason.ABORT:
                     raise ServerBusyError("the request was aborted by the server")
                 if self._process_text(request, state, output):
-                    finished = True
+                    finished, finish_reason = True, "stop"
                 yield output
         finally:
             with self._lock:
                 self._states.pop(request.request_id, None)
             if not finished:  # the consumer went away (client disconnect) or we raised
                 self.core.abort(request.request_id)
+            self._report(request, state, finish_reason)
+
+    def scheduler_stats(self) -> SchedulerStats:
+        """The scheduler's gauges after the latest step."""
+        return self.core.last_stats
+
+    def engine_totals(self) -> EngineTotals:
+        return self.core.totals
+
+    def encoder_stats(self) -> EncoderStats | None:
+        """The vision encoder's running totals, when the runner keeps them."""
+        return getattr(self.core.runner, "encoder_stats", None)
 
     async def abort(self, request_id: str) -> None:
         self.core.abort(request_id)
@@ -96,6 +125,24 @@ class AsyncEngine:
             self._states[request.request_id] = state
         self.core.add_request(request)
         return state
+
+    def _report(self, request: EngineRequest, state: _RequestState, finish_reason: str) -> None:
+        if not self.request_stats_sinks:
+            return
+        stats = RequestStats(
+            request_id=request.request_id,
+            finish_reason=finish_reason,
+            num_prompt_tokens=len(request.prompt_token_ids),
+            num_generation_tokens=state.num_output_tokens,
+            arrival_time=state.arrival_time,
+            first_token_time=state.first_token_time,
+            finish_time=time.monotonic(),
+        )
+        for sink in self.request_stats_sinks:
+            try:
+                sink(stats)
+            except Exception:  # metrics must never fail a request
+                logger.exception("a request stats sink failed")
 
     def _process_text(self, request: EngineRequest, state: _RequestState, output: EngineOutput) -> bool:
         """Fills output.text; True when a stop string ended the request here."""

@@ -18,7 +18,7 @@ from vlmserve.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from vlmserve.engine.request import Request, RequestStatus
 from vlmserve.engine.scheduler import Scheduler
 from vlmserve.errors import ServerBusyError, VLMServeError
-from vlmserve.metrics.stats import SchedulerStats
+from vlmserve.metrics.stats import EngineTotals, SchedulerStats
 from vlmserve.protocol.types import EngineOutput, EngineRequest, FinishReason
 
 logger = logging.getLogger(__name__)
@@ -52,8 +52,10 @@ class EngineCore:
         self.runner = runner
         self.max_model_len = max_model_len
         self.sink = sink
-        # the scheduler's state after the latest step (read by a metrics exporter)
+        # the scheduler's state after the latest step, and its counters added up (read by a metrics
+        # exporter on another thread: each field is one atomic read)
         self.last_stats = SchedulerStats()
+        self.totals = EngineTotals()
         self.dead_reason: str | None = None
         self._inbox: queue.Queue[object] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="vlmserve-engine", daemon=True)
@@ -88,14 +90,20 @@ class EngineCore:
         scheduler_output = self.scheduler.schedule()
         runner_output = self._execute(scheduler_output)
         outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
-        self.last_stats = self.scheduler.make_stats()
+        self._record_stats()
         self._emit(outputs)
+
+    def _record_stats(self) -> None:
+        self.last_stats = self.scheduler.make_stats()
+        self.totals.add(self.last_stats)
 
     def _run(self) -> None:
         try:
             while self._drain_inbox(block=self.num_unfinished == 0):
                 if self.num_unfinished:
                     self.step()
+                else:  # the last requests were aborted: no step will report their freed blocks
+                    self._record_stats()
         except Exception as exc:  # the loop itself broke: fail everything, report dead
             logger.exception("engine loop died")
             self.dead_reason = f"engine loop died: {exc!r}"

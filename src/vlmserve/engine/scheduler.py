@@ -105,6 +105,8 @@ class Scheduler:
         self.finished_request_ids: set[str] = set()
         self._num_arrivals = 0
         self._num_preemptions = 0
+        self._num_images_cached = 0
+        self._num_images_encoded = 0
 
     # --- requests in and out -------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -165,6 +167,7 @@ class Scheduler:
         if not plan.preempted_request_ids:
             self._schedule_waiting(plan)
         output = self._make_output(plan)
+        self._num_images_encoded += sum(len(indices) for indices in plan.encoder_inputs.values())
         for request_id, num_tokens in plan.num_scheduled_tokens.items():
             self.requests[request_id].num_computed_tokens += num_tokens
         self.finished_request_ids = set()
@@ -198,8 +201,12 @@ class Scheduler:
             prefix_cache_queries=prefix_cache_stats.queries,
             prefix_cache_hits=prefix_cache_stats.hits,
             num_preemptions=self._num_preemptions,
+            num_images_encoded=self._num_images_encoded,
+            num_images_cached=self._num_images_cached,
         )
         self._num_preemptions = 0
+        self._num_images_encoded = 0
+        self._num_images_cached = 0
         return stats
 
     # --- scheduling ----------------------------------------------------------------------------
@@ -254,6 +261,9 @@ class Scheduler:
             request.num_computed_tokens = num_computed_tokens
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_computed_tokens
+            self._num_images_cached += sum(
+                1 for image in request.images if image.offset + image.length <= num_computed_tokens
+            )
             bisect.insort(self.running, request, key=lambda running: running.arrival_index)
             plan.add(request, num_new_tokens, new_block_ids=None)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -30,6 +31,7 @@ from vlmserve.inputs.media import (
     fetch_image,
 )
 from vlmserve.inputs.nemotron_vl import NemotronVLProcessor, ProcessedImage
+from vlmserve.metrics.stats import ImageStats
 from vlmserve.protocol.types import ChatMessage, ImageInput, ImagePart
 
 T = TypeVar("T")
@@ -79,6 +81,8 @@ class InputPreprocessor:
         self.config = config
         self.assets = assets if assets is not None else AssetStore.from_config(config)
         self._client = client if client is not None else create_fetch_client(config)
+        # images turned into tiles and the seconds it took, added up (read by the metrics exporter)
+        self.stats = ImageStats()
 
     async def prepare(
         self,
@@ -116,10 +120,14 @@ class InputPreprocessor:
             )
 
     async def _load(self, part: ImagePart, max_tiles: int, asset_ids: frozenset[str]) -> ProcessedImage:
+        started = time.perf_counter()
         if part.url[:5].lower() == "data:":
-            return await asyncio.to_thread(self._process_data_url, part.url, max_tiles, asset_ids)
-        data = await fetch_image(part.url, client=self._client, config=self.config)
-        return await asyncio.to_thread(self._process_bytes, data, max_tiles)
+            image = await asyncio.to_thread(self._process_data_url, part.url, max_tiles, asset_ids)
+        else:
+            data = await fetch_image(part.url, client=self._client, config=self.config)
+            image = await asyncio.to_thread(self._process_bytes, data, max_tiles)
+        self.stats.add(time.perf_counter() - started)
+        return image
 
     def _process_data_url(self, url: str, max_tiles: int, asset_ids: frozenset[str]) -> ProcessedImage:
         asset_id = asset_reference(url)

@@ -8,6 +8,7 @@ accepted as if they worked. Unknown fields are ignored and logged at debug, as v
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Annotated, Any, Literal
@@ -26,7 +27,7 @@ from pydantic import (
 )
 
 from vlmserve.errors import InvalidRequestError
-from vlmserve.protocol.types import ChatMessage, ImagePart, SamplingParams, TextPart
+from vlmserve.protocol.types import ChatMessage, GuidedDecodingSpec, ImagePart, SamplingParams, TextPart
 
 logger = logging.getLogger(__name__)
 
@@ -250,15 +251,9 @@ class ChatCompletionRequest(OpenAIBaseModel):
             raise InvalidRequestError("tool calling is not offered for this model", param=param)
         if self.logit_bias:
             raise InvalidRequestError("logit_bias is not supported yet", param="logit_bias")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise InvalidRequestError(
-                f"response_format type {self.response_format.type!r} is not supported yet; only 'text' is",
-                param="response_format",
-            )
-        if self.nvext is not None:
-            for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
-                if getattr(self.nvext, name) is not None:
-                    raise InvalidRequestError(f"nvext.{name} is not supported yet", param=f"nvext.{name}")
+        # structured output: well-formed and at most one constraint (whether it compiles is checked
+        # against the tokenizer by runner/structured_output.validate_spec, still before the engine)
+        _guided_spec(self)
 
     def to_sampling_params(self, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> SamplingParams:
         """The engine's sampling settings; `default_max_tokens` applies when the request names none."""
@@ -277,6 +272,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+            guided=_guided_spec(self),
         )
 
     def to_chat_messages(self) -> list[ChatMessage]:
@@ -307,6 +303,92 @@ def _convert_content(
         else ImagePart(url=part.image_url.url, detail=part.image_url.detail)
         for part in content
     ]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Request: structured output (response_format json modes, nvext.guided_*)
+# ---------------------------------------------------------------------------------------------------
+
+_GUIDED_NVEXT_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+
+
+def _guided_spec(request: ChatCompletionRequest) -> GuidedDecodingSpec | None:
+    """The request's structured-output constraint, or None. InvalidRequestError (400) when it is
+    malformed or when more than one is given: constraints do not combine."""
+    response_format, nvext = request.response_format, request.nvext
+    # (param, label) of each constraint given
+    given: list[tuple[str, str]] = []
+    if response_format is not None and response_format.type != "text":
+        given.append(("response_format", f"response_format {response_format.type}"))
+    for name in _GUIDED_NVEXT_FIELDS:
+        if getattr(nvext, name, None) is not None:
+            given.append((f"nvext.{name}", f"nvext.{name}"))
+    if len(given) > 1:
+        raise InvalidRequestError(
+            f"{' and '.join(label for _, label in given)} cannot be combined: give at most one "
+            "structured-output constraint (response_format json_object or json_schema, or one of "
+            "nvext.guided_json, guided_regex, guided_choice, guided_grammar)",
+            param=given[1][0],
+        )
+    if not given:
+        return None
+    param = given[0][0]
+    if response_format is not None and param == "response_format":
+        return _response_format_spec(response_format)
+    return _nvext_spec(param, getattr(nvext, param.removeprefix("nvext.")))
+
+
+def _nvext_spec(param: str, value: Any) -> GuidedDecodingSpec:
+    """The spec of one nvext.guided_* field (`param` is its name, `value` is not None)."""
+    if param == "nvext.guided_json":
+        return GuidedDecodingSpec("json", _schema_text(value, param), param)
+    if param == "nvext.guided_regex":
+        return GuidedDecodingSpec("regex", value, param)
+    if param == "nvext.guided_choice":
+        if not value:
+            raise InvalidRequestError(f"{param} must list at least one choice", param=param)
+        return GuidedDecodingSpec("choice", tuple(value), param)
+    if not value.strip():
+        raise InvalidRequestError(f"{param} is empty: give a grammar in Lark or GBNF syntax", param=param)
+    return GuidedDecodingSpec("grammar", value, param)
+
+
+def _response_format_spec(response_format: ResponseFormat) -> GuidedDecodingSpec:
+    """json_object: any JSON object. json_schema: OpenAI's {name, description?, schema, strict?}; `strict`
+    is accepted and the schema is always enforced."""
+    if response_format.type == "json_object":
+        return GuidedDecodingSpec("json_object", "", "response_format")
+    json_schema = response_format.json_schema
+    if json_schema is None:
+        raise InvalidRequestError(
+            "response_format.json_schema is required when type is 'json_schema': "
+            '{"name": ..., "schema": {...}}',
+            param="response_format.json_schema",
+        )
+    name = json_schema.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidRequestError(
+            "response_format.json_schema.name is required: a non-empty string naming the schema",
+            param="response_format.json_schema.name",
+        )
+    param = "response_format.json_schema.schema"
+    if "schema" not in json_schema:
+        raise InvalidRequestError(f"{param} is required: the JSON schema the answer must follow", param=param)
+    return GuidedDecodingSpec("json", _schema_text(json_schema["schema"], param), param)
+
+
+def _schema_text(schema: Any, param: str) -> str:
+    """A JSON schema (an object, or JSON text of one) as compact JSON text, key order kept."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError as e:
+            raise InvalidRequestError(f"{param} is not valid JSON: {e}", param=param) from e
+    if not isinstance(schema, dict):
+        raise InvalidRequestError(
+            f"{param} must be a JSON schema object, not {type(schema).__name__}", param=param
+        )
+    return json.dumps(schema, separators=(",", ":"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -444,3 +526,132 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
+
+
+# ---------------------------------------------------------------------------------------------------
+# Image assets: POST/GET/DELETE /v1/assets
+# ---------------------------------------------------------------------------------------------------
+
+
+class AssetObject(BaseModel):
+    """An uploaded image asset; times are seconds since the epoch."""
+
+    id: str
+    object: Literal["asset"] = "asset"
+    bytes: int
+    # image/png or image/jpeg, from the bytes (not from what the client declared)
+    content_type: str
+    created_at: int
+    expires_at: int
+
+
+class AssetDeleted(BaseModel):
+    id: str
+    object: Literal["asset"] = "asset"
+    deleted: bool = True
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenize, detokenize (vLLM's shapes) and render
+# ---------------------------------------------------------------------------------------------------
+
+TOKENIZE_PROMPT_TAG = "tokenize:prompt"
+TOKENIZE_MESSAGES_TAG = "tokenize:messages"
+
+
+class TokenizeCompletionRequest(OpenAIBaseModel):
+    """POST /tokenize with a plain prompt."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(OpenAIBaseModel):
+    """POST /tokenize with chat messages: the same messages, rules and image handling as chat
+    completions. A final assistant message is continued, as in chat completions."""
+
+    model: str | None = None
+    messages: list[ChatCompletionMessageParam] = Field(min_length=1, max_length=MAX_MESSAGES)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    # accepted for vLLM compatibility; the chat template writes the special tokens itself
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+
+    @field_validator("messages")
+    @classmethod
+    def _check_role_order(
+        cls, messages: list[ChatCompletionMessageParam]
+    ) -> list[ChatCompletionMessageParam]:
+        return ChatCompletionRequest._check_role_order(messages)
+
+    @model_validator(mode="after")
+    def _one_way_to_end(self) -> TokenizeChatRequest:
+        if self.add_generation_prompt and self.continue_final_message:
+            raise ValueError(
+                "continue_final_message: cannot be true together with add_generation_prompt; "
+                "set add_generation_prompt to false to continue the final assistant message"
+            )
+        return self
+
+    @property
+    def is_completion_mode(self) -> bool:
+        return self.messages[-1].role == "assistant"
+
+    def to_chat_messages(self) -> list[ChatMessage]:
+        return [ChatMessage(role=m.role, content=_convert_content(m.content)) for m in self.messages]
+
+
+def _tokenize_tag(value: Any) -> str:
+    return TOKENIZE_MESSAGES_TAG if isinstance(value, dict) and "messages" in value else TOKENIZE_PROMPT_TAG
+
+
+TokenizeRequest = Annotated[
+    Annotated[TokenizeCompletionRequest, Tag(TOKENIZE_PROMPT_TAG)]
+    | Annotated[TokenizeChatRequest, Tag(TOKENIZE_MESSAGES_TAG)],
+    Discriminator(_tokenize_tag),
+]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_null_token_strs(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("token_strs") is None:
+            data.pop("token_strs", None)
+        return data
+
+
+class DetokenizeRequest(OpenAIBaseModel):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class RenderedImage(BaseModel):
+    """One image of a rendered prompt: its tiles and the prompt tokens it takes, markers included."""
+
+    num_tiles: int
+    num_tokens: int
+
+
+class RenderResponse(BaseModel):
+    """POST /v1/chat/completions/render: the prompt a chat request would run, without running it."""
+
+    # the prompt text the model sees, each image's tokens written out (<img><image>...</img>)
+    prompt: str
+    prompt_token_ids: list[int]
+    # = usage.prompt_tokens of the same chat request
+    num_prompt_tokens: int
+    num_image_tokens: int
+    images: list[RenderedImage]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 
 class FinishReason(enum.Enum):
@@ -18,6 +18,26 @@ class FinishReason(enum.Enum):
     LENGTH = "length"
     ABORT = "abort"
     ERROR = "error"
+
+
+GuidedDecodingKind = Literal["json", "json_object", "regex", "choice", "grammar"]
+
+
+@dataclass(frozen=True, slots=True)
+class GuidedDecodingSpec:
+    """A structured-output constraint on the generated text, as the request gave it (not yet compiled).
+
+    kind and value: "json": the JSON schema as compact JSON text (key order kept: it is the order the
+    properties are generated in); "json_object": any JSON object, value ""; "regex": the regular
+    expression the whole output must match; "choice": the output is exactly one of these strings;
+    "grammar": a grammar in Lark or GBNF syntax. Equal specs share one compiled guide.
+    """
+
+    kind: GuidedDecodingKind
+    value: str | tuple[str, ...]
+    # the request field it came from ("nvext.guided_regex", "response_format.json_schema.schema", ...):
+    # the `param` of the 400 when the constraint does not compile; not part of equality
+    param: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +62,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     # None: no logprobs; k >= 0: the sampled token's logprob plus the k most likely alternatives
     logprobs: int | None = None
+    # structured output: the text must follow this constraint; None: unconstrained
+    guided: GuidedDecodingSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)

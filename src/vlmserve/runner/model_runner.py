@@ -12,11 +12,13 @@ queues: it trusts the SchedulerOutput contract (engine/outputs.py) and checks it
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
 from vlmserve.engine.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from vlmserve.layers.attention import PagedKVCache
+from vlmserve.metrics.stats import EncoderStats
 from vlmserve.runner.input_batch import CachedRequestState, InputBatch, build_input_batch
 from vlmserve.runner.sampler import Sampler, make_generator
 
@@ -32,6 +34,8 @@ class ModelRunner:
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
+        # vision-encoder runs added up (read by the metrics exporter)
+        self.encoder_stats = EncoderStats()
         self.dtype = dtype
         self.sampler = Sampler()
         self.requests: dict[str, CachedRequestState] = {}
@@ -105,9 +109,7 @@ class ModelRunner:
                     state.num_computed_tokens + scheduler_output.num_scheduled_tokens[request_id]
                 ):
                     raise RuntimeError(f"request {request_id}: image {index} is split across chunks")
-                features = self.model.embed_images(
-                    image.pixel_values.to(device=self.device, dtype=self.dtype)
-                )
+                features = self._encode(image.pixel_values)
                 if features.shape[0] != image.length:
                     raise RuntimeError(
                         f"request {request_id}: image {index} has {image.length} placeholder tokens "
@@ -115,6 +117,16 @@ class ModelRunner:
                     )
                 embeds[row : row + image.length] = features.to(embeds.dtype)
         return embeds
+
+    def _encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The vision encoder on one image, timed (on CUDA the timing waits for the kernels)."""
+        started = time.perf_counter()
+        features = self.model.embed_images(pixel_values.to(device=self.device, dtype=self.dtype))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.encoder_stats.num_images += 1
+        self.encoder_stats.encoder_seconds += time.perf_counter() - started
+        return features
 
     # --- outputs ---------------------------------------------------------------------------------
     def sample(self, batch: InputBatch, logits: torch.Tensor) -> ModelRunnerOutput:

@@ -3,7 +3,9 @@
 `create_app()` starts serving at once (liveness 200, readiness and chat 503) and runs the blocking
 `load(config)` on a daemon thread. When it returns, the model server is installed and readiness turns
 200. When it raises, the error is logged and the process is made to exit non-zero: a server that
-cannot load its model must not answer 503 forever. On shutdown the model server is closed.
+cannot load its model must not answer 503 forever. Once loaded, a watchdog polls the engine: if it
+stopped (`is_running` False), readiness is already 503 and the process is made to exit non-zero too,
+so that an orchestrator restarts it. On shutdown the model server is closed.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from fastapi import FastAPI
 import vlmserve
 from vlmserve.config import ServerConfig
 from vlmserve.server.errors import install_error_handlers
+from vlmserve.server.middleware import install_middleware
 from vlmserve.server.routes import AppState, router
+from vlmserve.server.routes_assets import router as assets_router
+from vlmserve.server.routes_tokenize import router as tokenize_router
 from vlmserve.server.serving_chat import ChatCompletionService
 
 if TYPE_CHECKING:
@@ -34,6 +39,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 LoadFn = Callable[[ServerConfig], "ModelServer"]
 LoadFailureFn = Callable[[BaseException], None]
+# how often the watchdog looks at the engine
+WATCHDOG_INTERVAL_S = 0.5
 
 
 def create_app(
@@ -41,23 +48,27 @@ def create_app(
 ) -> FastAPI:
     """The HTTP app for `config`; `load` builds the model server and may take minutes.
 
-    `on_load_failure` is called (on the event loop) after a failed load has been logged; it must make
-    the process stop. The default sends SIGTERM to this process, which uvicorn turns into a shutdown
-    and then re-raises, so the exit status is non-zero. `vlmserve serve` asks uvicorn to stop instead
-    and exits with status 1.
+    `on_load_failure` is called (on the event loop) when the server cannot go on: after a failed load,
+    or once the watchdog saw the engine stop, each logged first (`state.load_failed` or
+    `state.engine_died` says which). It must make the process stop. The default sends SIGTERM to this
+    process, which uvicorn turns into a shutdown and then re-raises, so the exit status is non-zero.
+    `vlmserve serve` asks uvicorn to stop instead and exits with status 1.
     """
     state = AppState(config=config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loader = asyncio.create_task(_load(state, load, on_load_failure or _terminate_process))
+        on_failure = on_load_failure or _terminate_process
+        loader = asyncio.create_task(_load(state, load, on_failure))
+        watchdog = asyncio.create_task(_watch_engine(state, loader, on_failure))
         try:
             yield
         finally:
             state.is_draining = True
-            loader.cancel()
-            with suppress(asyncio.CancelledError):
-                await loader
+            for task in (watchdog, loader):
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
             if state.model_server is not None:
                 logger.info("closing the model server")
                 await state.model_server.aclose()
@@ -70,7 +81,10 @@ def create_app(
     )
     app.state.vlmserve = state
     install_error_handlers(app)
+    install_middleware(app, config)
     app.include_router(router)
+    app.include_router(assets_router)
+    app.include_router(tokenize_router)
     return app
 
 
@@ -85,14 +99,29 @@ async def _load(state: AppState, load: LoadFn, on_failure: LoadFailureFn) -> Non
         logger.critical("loading the model failed, exiting: %s: %s", type(exc).__name__, exc, exc_info=exc)
         on_failure(exc)
         return
+    state.metrics.attach(model_server, model_server.served_model_name)
     state.model_server = model_server
-    state.chat = ChatCompletionService(model_server)
+    state.chat = ChatCompletionService(model_server, log_prompts=not state.config.disable_log_requests)
     logger.info(
         "model %s loaded in %.1f s (max_model_len %d); the server is ready",
         model_server.served_model_name,
         time.monotonic() - started,
         model_server.max_model_len,
     )
+
+
+async def _watch_engine(state: AppState, loader: asyncio.Task[None], on_failure: LoadFailureFn) -> None:
+    """After the load, polls the engine; once it stopped, logs why and calls `on_failure` (once)."""
+    await asyncio.wait({loader})
+    while state.model_server is not None and not state.is_draining:
+        engine = state.model_server.engine
+        if not engine.is_running:
+            reason = getattr(getattr(engine, "core", None), "dead_reason", None) or "the engine stopped"
+            state.engine_died = True
+            logger.critical("the engine cannot go on (%s): readiness is 503, exiting", reason)
+            on_failure(RuntimeError(reason))
+            return
+        await asyncio.sleep(WATCHDOG_INTERVAL_S)
 
 
 async def _run_in_daemon_thread(fn: Callable[[ServerConfig], T], config: ServerConfig) -> T:

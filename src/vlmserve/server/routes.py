@@ -8,7 +8,7 @@ docs answers 503.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
@@ -17,6 +17,9 @@ from fastapi.responses import JSONResponse, Response
 import vlmserve
 from vlmserve.config import ServerConfig
 from vlmserve.errors import EngineDeadError, ServerBusyError
+from vlmserve.inputs.assets import ASSET_REFERENCES_HEADER
+from vlmserve.metrics.prometheus import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from vlmserve.metrics.prometheus import MetricsExporter
 from vlmserve.protocol import openai as api
 from vlmserve.server.serving_chat import ChatCompletionService
 from vlmserve.server.sse import EventStreamResponse, cancel_on_disconnect
@@ -37,15 +40,18 @@ class AppState:
     model_server: ModelServer | None = None
     chat: ChatCompletionService | None = None
     load_failed: bool = False
-    # set when shutdown begins: new requests get 503
+    # set by the watchdog once the engine stopped: the process is on its way out
+    engine_died: bool = False
+    # set when shutdown begins (SIGTERM): readiness and new requests get 503, in-flight ones go on
     is_draining: bool = False
+    metrics: MetricsExporter = field(default_factory=MetricsExporter)
 
     def require_model_server(self) -> ModelServer:
         """The loaded model server, or ServerBusyError/EngineDeadError (503) saying why there is none."""
         if self.load_failed:
             raise ServerBusyError("the model failed to load; the server is shutting down")
         if self.is_draining:
-            raise ServerBusyError("the server is shutting down")
+            raise ServerBusyError("the server is shutting down; retry later", retry_after=5)
         if self.model_server is None:
             raise ServerBusyError(
                 "the model is still loading; retry later", retry_after=LOADING_RETRY_AFTER_S
@@ -82,6 +88,16 @@ async def health_live() -> api.HealthResponse:
 async def health_ready(request: Request) -> api.HealthResponse:
     _state(request).require_model_server()
     return api.HealthResponse(object="health.response", message="Service is ready.")
+
+
+@router.get(
+    "/v1/metrics",
+    response_class=Response,
+    responses={200: {"content": {METRICS_CONTENT_TYPE: {"schema": {"type": "string"}}}}},
+)
+async def metrics(request: Request) -> Response:
+    """Prometheus text format: NIM's (vLLM's) serving metrics and the image pipeline's."""
+    return Response(_state(request).metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
 
 @router.get("/v1/models", response_model=api.ModelList, responses={503: _ERRORS[503]})
@@ -158,7 +174,8 @@ def _jsonable(value: Any) -> Any:
 )
 async def create_chat_completion(body: api.ChatCompletionRequest, raw_request: Request) -> Response:
     service = _state(raw_request).require_chat()
-    run = await cancel_on_disconnect(service.start(body), raw_request)
+    references = raw_request.headers.get(ASSET_REFERENCES_HEADER)
+    run = await cancel_on_disconnect(service.start(body, asset_references=references), raw_request)
     if run is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     if body.stream:

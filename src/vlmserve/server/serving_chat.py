@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -23,10 +24,13 @@ import anyio
 from vlmserve.errors import (
     ContextLengthExceededError,
     EngineDeadError,
+    InvalidRequestError,
     ModelNotFoundError,
     RequestFailedError,
     ServerBusyError,
 )
+from vlmserve.inputs.assets import parse_asset_references
+from vlmserve.logs import name_request
 from vlmserve.protocol.openai import (
     DEFAULT_MAX_TOKENS,
     INT64_MAX,
@@ -57,6 +61,10 @@ logger = logging.getLogger(__name__)
 OpenAIFinishReason = Literal["stop", "length"]
 # JSON has no -inf; vLLM reports such logprobs as -9999.0 too
 MIN_LOGPROB = -9999.0
+# a logged prompt (--no-disable-log-requests) is cut to this many characters
+MAX_LOGGED_PROMPT_CHARS = 2000
+_IMAGE_SENTINEL = re.compile(r"<\|vlmserve-image-[0-9a-f]+\|>")
+_DATA_URL = re.compile(r"data:[^,\s\"']{0,100},[A-Za-z0-9+/=_-]*")
 
 
 class EngineStreams:
@@ -147,24 +155,23 @@ class ChatRun:
 class ChatCompletionService:
     """Serves /v1/chat/completions against one loaded ModelServer."""
 
-    def __init__(self, model_server: ModelServer) -> None:
+    def __init__(self, model_server: ModelServer, *, log_prompts: bool = False) -> None:
+        """log_prompts: log each request's prompt text (images never) at INFO; off by default."""
         self.model_server = model_server
+        self.log_prompts = log_prompts
         self._token_texts: dict[int, str] = {}
 
-    async def start(self, request: ChatCompletionRequest) -> ChatRun:
-        """Check, preprocess and submit `request`; return once its first delta is there."""
+    async def start(self, request: ChatCompletionRequest, *, asset_references: str | None = None) -> ChatRun:
+        """Check, preprocess and submit `request`; return once its first delta is there.
+
+        asset_references: the request's NVCF-INPUT-ASSET-REFERENCES header (the asset ids its images
+        may use), or None.
+        """
         server = self.model_server
-        if request.model is not None and request.model != server.served_model_name:
-            raise ModelNotFoundError(f"The model `{request.model}` does not exist.", param="model")
-        request.check_supported()
-        if not server.engine.is_running:
-            raise EngineDeadError("the engine has stopped after an error; the server needs a restart")
-        prompt = await server.preprocessor.prepare(
-            request.to_chat_messages(), completion_mode=request.is_completion_mode
-        )
+        prompt, params = await self.prepare(request, asset_references=asset_references)
         num_prompt_tokens = len(prompt.prompt_token_ids)
-        params = request.to_sampling_params(self._max_tokens(request, num_prompt_tokens))
         request_id = f"chat-{uuid.uuid4().hex}"
+        name_request(request_id)
         engine_requests = _engine_requests(request_id, prompt, params, request.num_choices)
         logger.info(
             "%s: %d prompt tokens, %d images, n=%d, max_tokens=%d, stream=%s",
@@ -175,6 +182,8 @@ class ChatCompletionService:
             params.max_tokens,
             bool(request.stream),
         )
+        if self.log_prompts:
+            logger.info("%s: prompt: %s", request_id, loggable_prompt(prompt.prompt_text))
         run = ChatRun(
             request_id=request_id,
             created=int(time.time()),
@@ -192,6 +201,31 @@ class ChatCompletionService:
         if first is not None:
             run.outputs.push_back(first)
         return run
+
+    async def prepare(
+        self, request: ChatCompletionRequest, *, asset_references: str | None = None
+    ) -> tuple[PreparedPrompt, SamplingParams]:
+        """Every check of a chat request and its prompt and sampling settings, nothing submitted:
+        start() runs it, and so does /v1/chat/completions/render (same rules, same prompt)."""
+        server = self.model_server
+        if request.model is not None and request.model != server.served_model_name:
+            raise ModelNotFoundError(f"The model `{request.model}` does not exist.", param="model")
+        request.check_supported()
+        if request.to_sampling_params().guided is not None:
+            # The grammar backend (runner/structured_output.py) is in; its hook into the batched
+            # sampler is not yet, and unconstrained text must never pass for constrained output.
+            raise InvalidRequestError(
+                "structured output (response_format json modes, nvext.guided_*) is not supported yet",
+                param="response_format" if request.response_format is not None else "nvext",
+            )
+        asset_ids = parse_asset_references(asset_references)
+        if not server.engine.is_running:
+            raise EngineDeadError("the engine has stopped after an error; the server needs a restart")
+        prompt = await server.preprocessor.prepare(
+            request.to_chat_messages(), completion_mode=request.is_completion_mode, asset_ids=asset_ids
+        )
+        params = request.to_sampling_params(self._max_tokens(request, len(prompt.prompt_token_ids)))
+        return prompt, params
 
     def _max_tokens(self, request: ChatCompletionRequest, num_prompt_tokens: int) -> int:
         """The request's max_tokens, checked against the context; else the default that still fits."""
@@ -332,6 +366,15 @@ class ChatCompletionService:
             text = self.model_server.tokenizer.decode([token_id])
             self._token_texts[token_id] = text
         return text
+
+
+def loggable_prompt(prompt_text: str) -> str:
+    """The prompt as it may be logged: images as <image>, data URLs without their data, cut short."""
+    text = _IMAGE_SENTINEL.sub("<image>", prompt_text)
+    text = _DATA_URL.sub(lambda match: match.group(0).partition(",")[0] + ",<data>", text)
+    if len(text) > MAX_LOGGED_PROMPT_CHARS:
+        text = f"{text[:MAX_LOGGED_PROMPT_CHARS]}... ({len(text)} characters)"
+    return repr(text)
 
 
 def _finish_reason(output: EngineOutput | None) -> OpenAIFinishReason | None:

@@ -134,16 +134,6 @@ def test_unknown_fields_are_ignored() -> None:
         ),
         ({"tool_choice": "required"}, "tool_choice", "tool calling is not offered"),
         ({"logit_bias": {"42": 1.0}}, "logit_bias", "not supported yet"),
-        ({"response_format": {"type": "json_object"}}, "response_format", "not supported yet"),
-        (
-            {"response_format": {"type": "json_schema", "json_schema": {}}},
-            "response_format",
-            "not supported yet",
-        ),
-        ({"nvext": {"guided_json": {"type": "object"}}}, "nvext.guided_json", "not supported yet"),
-        ({"nvext": {"guided_regex": "a+"}}, "nvext.guided_regex", "not supported yet"),
-        ({"nvext": {"guided_choice": ["a"]}}, "nvext.guided_choice", "not supported yet"),
-        ({"nvext": {"guided_grammar": "x"}}, "nvext.guided_grammar", "not supported yet"),
     ],
 )
 def test_unsupported_fields_are_refused(fields: dict[str, Any], param: str, needle: str) -> None:

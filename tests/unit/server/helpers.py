@@ -145,7 +145,9 @@ class FakePreprocessor:
 
     calls: list[tuple[list[ChatMessage], bool]] = field(default_factory=list)
 
-    async def prepare(self, messages: list[ChatMessage], *, completion_mode: bool) -> FakePrompt:
+    async def prepare(
+        self, messages: list[ChatMessage], *, completion_mode: bool, asset_ids: frozenset[str] = frozenset()
+    ) -> FakePrompt:
         self.calls.append((messages, completion_mode))
         num_tokens = 0
         for message in messages:

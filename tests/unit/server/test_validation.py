@@ -167,17 +167,30 @@ RULES: dict[str, tuple[dict[str, Any], int, str | None, tuple[str, ...]]] = {
     ),
     "tool_choice required": (chat_body(tool_choice="required"), 400, "tool_choice", ("tool calling",)),
     "logit_bias": (chat_body(logit_bias={"5": 2}), 400, "logit_bias", ("logit_bias", "not supported yet")),
-    "response_format json_object": (
+    "two structured-output constraints": (
+        chat_body(response_format={"type": "json_object"}, nvext={"guided_regex": "a+"}),
+        400,
+        "nvext.guided_regex",
+        ("response_format json_object and nvext.guided_regex", "cannot be combined"),
+    ),
+    "guided_json not JSON": (
+        chat_body(nvext={"guided_json": "{not json"}),
+        400,
+        "nvext.guided_json",
+        ("nvext.guided_json is not valid JSON",),
+    ),
+    # until the grammar backend is hooked into the sampler, constrained output is refused, never faked
+    "json_object not yet served": (
         chat_body(response_format={"type": "json_object"}),
         400,
         "response_format",
-        ("json_object", "not supported yet"),
+        ("structured output", "not supported yet"),
     ),
-    "guided_json": (
-        chat_body(nvext={"guided_json": {"type": "object"}}),
+    "guided_regex not yet served": (
+        chat_body(nvext={"guided_regex": "a+"}),
         400,
-        "nvext.guided_json",
-        ("nvext.guided_json", "not supported yet"),
+        "nvext",
+        ("structured output", "not supported yet"),
     ),
     "context exceeded": (
         chat_body(messages=[{"role": "user", "content": "word " * 4000}], max_tokens=200),

@@ -1,0 +1,1 @@
+"""Benchmarks for vlmserve (not part of the package; see docs/BENCHMARKS.md)."""
