@@ -216,7 +216,9 @@ def build_engine(
         max_waiting=config.max_queue,
     )
     kv_cache = PagedKVCache.allocate(spec, num_blocks, config.block_size, device=device)
-    runner = ModelRunner(model, kv_cache, device=device, dtype=dtype)
+    runner = ModelRunner(
+        model, kv_cache, device=device, dtype=dtype, encoder_cache_bytes=config.encoder_cache_bytes
+    )
     runner.warm_up()
     logger.info(
         "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB); %d tokens per step, %d requests at once",

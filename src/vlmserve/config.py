@@ -75,6 +75,12 @@ class ServerConfig:
         "Reuse the KV cache of earlier requests' identical prompt prefixes (images included).",
         env=("NIM_ENABLE_KV_CACHE_REUSE",),
     )
+    encoder_cache_bytes: int = setting(
+        256 * 1024 * 1024,
+        "Bytes of vision-encoder outputs kept on the device, so an image sent again (after another prompt "
+        "prefix too) skips the encoder; least recently used first out; outside the KV cache budget. 0: off.",
+        env=("VLMSERVE_ENCODER_CACHE_BYTES",),
+    )
     max_num_batched_tokens: int = setting(
         0,
         "Most tokens computed in one engine step, all requests together; 0: 2048, or more when one image "
@@ -256,6 +262,7 @@ class ServerConfig:
             raise ConfigError("image_url_allowed_domains must be a tuple of hosts, not a string")
         for pattern in self.image_url_allowed_domains:
             _check_domain_pattern(pattern)
+        _check_range("encoder_cache_bytes", self.encoder_cache_bytes, 0, 1 << 44)
         _check_range("max_request_body_bytes", self.max_request_body_bytes, 1024, 1 << 40)
         if not self.shutdown_grace_seconds >= 0:
             raise ConfigError(f"shutdown_grace_seconds must be >= 0, got {self.shutdown_grace_seconds}")

@@ -19,7 +19,7 @@ from typing import Any
 from vlmserve.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from vlmserve.engine.engine_core import EngineCore
 from vlmserve.errors import EngineDeadError, InvalidRequestError, RequestFailedError, ServerBusyError
-from vlmserve.metrics.stats import EncoderStats, EngineTotals, RequestStats, SchedulerStats
+from vlmserve.metrics.stats import EngineStats, RequestStats
 from vlmserve.protocol.types import EngineOutput, EngineRequest, FinishReason
 
 RequestStatsSink = Callable[[RequestStats], None]
@@ -44,14 +44,22 @@ class _RequestState:
 class AsyncEngine:
     """Submits requests to an EngineCore thread and streams their outputs back."""
 
-    def __init__(self, core_factory: Any, tokenizer: Any, *, max_waiting_requests: int = 256) -> None:
+    def __init__(
+        self,
+        core_factory: Any,
+        tokenizer: Any,
+        *,
+        max_waiting_requests: int = 256,
+        request_stats_sink: RequestStatsSink | None = None,
+    ) -> None:
         """core_factory(sink) -> EngineCore; the engine passes its own output sink."""
         self.tokenizer = tokenizer
         self.max_waiting_requests = max_waiting_requests
         self._states: dict[str, _RequestState] = {}
         self._lock = threading.Lock()
-        # called on the event loop with each ended request's timings (the metrics exporter adds one)
-        self.request_stats_sinks: list[RequestStatsSink] = []
+        # called on the event loop with the RequestStats of every request that ends (finished,
+        # aborted or failed); settable later (the metrics exporter sets it); its errors are logged
+        self.request_stats_sink = request_stats_sink
         self.core: EngineCore = core_factory(self._on_outputs)
         self.core.start()
 
@@ -91,16 +99,10 @@ class AsyncEngine:
                 self.core.abort(request.request_id)
             self._report(request, state, finish_reason)
 
-    def scheduler_stats(self) -> SchedulerStats:
-        """The scheduler's gauges after the latest step."""
-        return self.core.last_stats
-
-    def engine_totals(self) -> EngineTotals:
-        return self.core.totals
-
-    def encoder_stats(self) -> EncoderStats | None:
-        """The vision encoder's running totals, when the runner keeps them."""
-        return getattr(self.core.runner, "encoder_stats", None)
+    def stats(self) -> EngineStats:
+        """The engine's gauges after its latest step and its counters since the start (an immutable
+        snapshot: safe from any thread, consistent within itself)."""
+        return self.core.stats
 
     async def abort(self, request_id: str) -> None:
         self.core.abort(request_id)
@@ -127,7 +129,8 @@ class AsyncEngine:
         return state
 
     def _report(self, request: EngineRequest, state: _RequestState, finish_reason: str) -> None:
-        if not self.request_stats_sinks:
+        sink = self.request_stats_sink
+        if sink is None:
             return
         stats = RequestStats(
             request_id=request.request_id,
@@ -138,11 +141,10 @@ class AsyncEngine:
             first_token_time=state.first_token_time,
             finish_time=time.monotonic(),
         )
-        for sink in self.request_stats_sinks:
-            try:
-                sink(stats)
-            except Exception:  # metrics must never fail a request
-                logger.exception("a request stats sink failed")
+        try:
+            sink(stats)
+        except Exception:  # metrics must never fail a request
+            logger.exception("request %s: the request stats sink failed", request.request_id)
 
     def _process_text(self, request: EngineRequest, state: _RequestState, output: EngineOutput) -> bool:
         """Fills output.text; True when a stop string ended the request here."""

@@ -18,7 +18,7 @@ from vlmserve.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from vlmserve.engine.request import Request, RequestStatus
 from vlmserve.engine.scheduler import Scheduler
 from vlmserve.errors import ServerBusyError, VLMServeError
-from vlmserve.metrics.stats import EngineTotals, SchedulerStats
+from vlmserve.metrics.stats import EngineStats
 from vlmserve.protocol.types import EngineOutput, EngineRequest, FinishReason
 
 logger = logging.getLogger(__name__)
@@ -52,10 +52,9 @@ class EngineCore:
         self.runner = runner
         self.max_model_len = max_model_len
         self.sink = sink
-        # the scheduler's state after the latest step, and its counters added up (read by a metrics
-        # exporter on another thread: each field is one atomic read)
-        self.last_stats = SchedulerStats()
-        self.totals = EngineTotals()
+        # gauges after the latest step and counters since the start; replaced whole (never mutated)
+        # by the engine thread, so any thread may read it (AsyncEngine.stats())
+        self.stats = EngineStats()
         self.dead_reason: str | None = None
         self._inbox: queue.Queue[object] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="vlmserve-engine", daemon=True)
@@ -90,12 +89,20 @@ class EngineCore:
         scheduler_output = self.scheduler.schedule()
         runner_output = self._execute(scheduler_output)
         outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
-        self._record_stats()
+        self._record_stats(runner_output, outputs)
         self._emit(outputs)
 
-    def _record_stats(self) -> None:
-        self.last_stats = self.scheduler.make_stats()
-        self.totals.add(self.last_stats)
+    def _record_stats(
+        self, runner_output: ModelRunnerOutput | None = None, outputs: Sequence[EngineOutput] = ()
+    ) -> None:
+        # a request's first output (its first token) brings its prompt into the prompt-token count
+        first = [o for o in outputs if o.new_token_ids and o.num_output_tokens == len(o.new_token_ids)]
+        self.stats = self.stats.add_step(
+            self.scheduler.make_stats(),
+            runner_output.encoder_stats if runner_output is not None else None,
+            num_prompt_tokens=sum(o.num_prompt_tokens for o in first),
+            num_generation_tokens=sum(len(o.new_token_ids) for o in outputs),
+        )
 
     def _run(self) -> None:
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vlmserve.metrics.stats import EncoderStats
 from vlmserve.protocol.types import ImageInput, SamplingParams, TokenLogprob
 
 
@@ -87,6 +88,8 @@ class ModelRunnerOutput:
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     # request_id -> the sampled token's logprob (and top alternatives), for requests that asked
     logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
+    # the vision encoder's work this step; None when the step had no image
+    encoder_stats: EncoderStats | None = None
 
     @classmethod
     def make_empty(cls) -> ModelRunnerOutput:

@@ -106,7 +106,6 @@ class Scheduler:
         self._num_arrivals = 0
         self._num_preemptions = 0
         self._num_images_cached = 0
-        self._num_images_encoded = 0
 
     # --- requests in and out -------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -167,7 +166,6 @@ class Scheduler:
         if not plan.preempted_request_ids:
             self._schedule_waiting(plan)
         output = self._make_output(plan)
-        self._num_images_encoded += sum(len(indices) for indices in plan.encoder_inputs.values())
         for request_id, num_tokens in plan.num_scheduled_tokens.items():
             self.requests[request_id].num_computed_tokens += num_tokens
         self.finished_request_ids = set()
@@ -201,11 +199,9 @@ class Scheduler:
             prefix_cache_queries=prefix_cache_stats.queries,
             prefix_cache_hits=prefix_cache_stats.hits,
             num_preemptions=self._num_preemptions,
-            num_images_encoded=self._num_images_encoded,
             num_images_cached=self._num_images_cached,
         )
         self._num_preemptions = 0
-        self._num_images_encoded = 0
         self._num_images_cached = 0
         return stats
 

@@ -53,17 +53,21 @@ class KVCache:
 
 @dataclass(frozen=True)
 class AttentionMetadata:
-    """What every layer's attention needs for one forward, built once (one host sync, not one per layer)."""
+    """What every layer's attention needs for one forward over a contiguous `KVCache`, built once
+    (one host sync, not one per layer). Empty for a `PagedAttentionContext`, which carries its own."""
 
     # [T] int64: the position of each token, which is also its cache slot
     positions: torch.Tensor
-    # slots [0, num_slots) are read: up to the highest position in this forward
+    # slots [0, num_slots) are read: up to the highest position in this forward (0 on the paged path)
     num_slots: int
-    # [T, num_slots] bool, True = attend: slot s is visible to token t when s <= positions[t]
-    mask: torch.Tensor
+    # [T, num_slots] bool, True = attend: slot s is visible to token t when s <= positions[t];
+    # None on the paged path
+    mask: torch.Tensor | None
 
     @classmethod
-    def build(cls, positions: torch.Tensor) -> AttentionMetadata:
+    def build(cls, positions: torch.Tensor, kv_cache: KVCache | PagedAttentionContext) -> AttentionMetadata:
+        if isinstance(kv_cache, PagedAttentionContext):  # no host sync, no [T, S] mask per step
+            return cls(positions=positions, num_slots=0, mask=None)
         num_slots = int(positions.max().item()) + 1
         slots = torch.arange(num_slots, device=positions.device)
         return cls(positions=positions, num_slots=num_slots, mask=slots[None, :] <= positions[:, None])

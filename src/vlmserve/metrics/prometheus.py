@@ -3,8 +3,9 @@
 NIM's metric names (vLLM's without the `vllm:` prefix) and ours for images. Two paths in:
 - pushed: `record_request(RequestStats)`, called on the event loop as each engine request ends
   (counters and histograms of tokens, latencies and finish reasons);
-- pulled at scrape time from the model server (`attach`): the scheduler's gauges after the latest
-  step, the engine's added-up counters, the preprocessor's and the vision encoder's totals.
+- pulled at scrape time from the model server (`attach`): the engine's EngineStats snapshot (gauges
+  after the latest step, counters since the start, the vision encoder's included) and the
+  preprocessor's totals.
 Each exporter has its own registry, so several apps (tests) never share metrics.
 """
 
@@ -97,9 +98,7 @@ class MetricsExporter:
         request timings from its engine."""
         self._model_server = model_server
         self._label = model_name
-        sinks = getattr(model_server.engine, "request_stats_sinks", None)
-        if sinks is not None:
-            sinks.append(self.record_request)
+        model_server.engine.request_stats_sink = self.record_request
 
     def record_request(self, stats: RequestStats) -> None:
         label = self._label
@@ -133,9 +132,7 @@ class _ModelServerCollector(Collector):
         server = self._exporter._model_server
         label = [self._exporter._label]
         engine = getattr(server, "engine", None)
-        scheduler = _call(engine, "scheduler_stats")
-        totals = _call(engine, "engine_totals")
-        encoder = _call(engine, "encoder_stats")
+        stats = _call(engine, "stats")  # one EngineStats snapshot: gauges and totals of the same step
         images = getattr(getattr(server, "preprocessor", None), "stats", None)
 
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -148,16 +145,14 @@ class _ModelServerCollector(Collector):
             family.add_metric(label, value)
             return family
 
-        yield gauge("num_requests_running", "Requests in the running batch.", _get(scheduler, "num_running"))
-        yield gauge(
-            "num_requests_waiting", "Requests waiting to be scheduled.", _get(scheduler, "num_waiting")
-        )
+        yield gauge("num_requests_running", "Requests in the running batch.", _get(stats, "num_running"))
+        yield gauge("num_requests_waiting", "Requests waiting to be scheduled.", _get(stats, "num_waiting"))
         yield gauge(
             "gpu_cache_usage_perc",
             "Fraction (0 to 1) of KV cache blocks held by requests (the KV cache on CPU too).",
-            _get(scheduler, "kv_cache_usage"),
+            _get(stats, "kv_cache_usage"),
         )
-        queries, hits = _get(totals, "prefix_cache_queries"), _get(totals, "prefix_cache_hits")
+        queries, hits = _get(stats, "prefix_cache_queries"), _get(stats, "prefix_cache_hits")
         yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", queries)
         yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", hits)
         yield gauge(
@@ -168,7 +163,7 @@ class _ModelServerCollector(Collector):
         yield counter(
             "num_preemptions",
             "Running requests preempted (KV freed, recomputed later).",
-            _get(totals, "num_preemptions"),
+            _get(stats, "num_preemptions"),
         )
         yield counter("images_processed", "Images fetched or decoded and tiled.", _get(images, "num_images"))
         yield counter(
@@ -177,20 +172,30 @@ class _ModelServerCollector(Collector):
             _get(images, "preprocess_seconds"),
         )
         yield counter(
-            "vision_encoder_images", "Images run through the vision encoder.", _get(encoder, "num_images")
+            "vision_encoder_images",
+            "Images run through the vision encoder.",
+            _get(stats, "encoder_cache_misses"),
         )
         yield counter(
-            "vision_encoder_seconds", "Seconds spent in the vision encoder.", _get(encoder, "encoder_seconds")
+            "vision_encoder_seconds",
+            "Seconds spent in the vision encoder.",
+            _get(stats, "vision_encoder_seconds"),
         )
         yield counter(
             "image_embedding_cache_hits",
-            "Images whose KV came from the prefix cache, so the vision encoder was skipped.",
-            _get(totals, "num_images_cached"),
+            "Images the vision encoder was skipped for: features from the encoder cache, or KV from "
+            "the prefix cache.",
+            _get(stats, "encoder_cache_hits") + _get(stats, "num_images_cached"),
         )
         yield counter(
             "image_embedding_cache_misses",
             "Images the vision encoder had to run on.",
-            _get(totals, "num_images_encoded"),
+            _get(stats, "encoder_cache_misses"),
+        )
+        yield gauge(
+            "image_embedding_cache_bytes",
+            "Bytes of image features held in the encoder cache.",
+            _get(stats, "encoder_cache_bytes"),
         )
 
 

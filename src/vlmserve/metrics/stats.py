@@ -1,16 +1,18 @@
 """Plain dataclasses the engine and the input pipeline fill. No prometheus here: exposition lives in
 metrics/prometheus.py.
 
-In SchedulerStats, counters (`*_queries`, `*_hits`, `num_preemptions`, `num_images_*`) are deltas
-since the previous snapshot and gauges (`num_running`, `num_waiting`, `kv_cache_usage`) the current
-values; EngineCore adds the deltas up in an `EngineTotals`. RequestStats describes one finished
-request (AsyncEngine); ImageStats and EncoderStats are running totals kept by their owners.
+Per step: SchedulerStats (the scheduler's gauges, its counters as deltas) and EncoderStats (the
+runner's vision encoder, carried in ModelRunnerOutput). EngineCore folds both into an EngineStats,
+an immutable snapshot of gauges and counters-since-start replaced whole after each step, so another
+thread reads a consistent copy and misses nothing between reads. RequestStats describes one ended
+request (AsyncEngine); ImageStats is the input pipeline's running totals.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 
 @dataclass(slots=True)
@@ -36,29 +38,84 @@ class SchedulerStats:
     prefix_cache_hits: int = 0
     # running requests preempted (KV freed, to be recomputed) since the previous SchedulerStats
     num_preemptions: int = 0
-    # images scheduled for the vision encoder since the previous SchedulerStats (an embedding "miss")
-    num_images_encoded: int = 0
-    # images of admitted requests whose KV came whole from the prefix cache, so the encoder never ran
-    # on them (an embedding "hit")
+    # images of requests admitted since the previous SchedulerStats whose KV came whole from the
+    # prefix cache, so the vision encoder never saw them
     num_images_cached: int = 0
 
 
-@dataclass(slots=True)
-class EngineTotals:
-    """SchedulerStats' counters added up since the engine started (written by the engine thread only)."""
+@dataclass(frozen=True, slots=True)
+class EncoderStats:
+    """The runner's vision encoder in one step (in ModelRunnerOutput when the step had images)."""
 
+    # images whose features came from the encoder cache
+    num_cache_hits: int = 0
+    # images run through the vision encoder (every image when the cache is off)
+    num_cache_misses: int = 0
+    # wall seconds in embed_images (on CUDA: until its kernels finished)
+    encoder_seconds: float = 0.0
+    # bytes of features the encoder cache holds after the step (a gauge)
+    cache_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """The engine after its latest step: gauges as of then, counters added up since the start.
+
+    Immutable: EngineCore builds a new one per step (`add_step`) and swaps the reference, so a reader
+    on another thread (`AsyncEngine.stats()`) always sees one consistent step.
+    """
+
+    # --- gauges
+    num_running: int = 0
+    num_waiting: int = 0
+    # fraction of KV blocks held by requests (0.0 to 1.0)
+    kv_cache_usage: float = 0.0
+    # bytes of image features in the runner's encoder cache
+    encoder_cache_bytes: int = 0
+    # --- counters since the engine started
+    # prompt tokens of requests that produced their first token (counted once, preemptions aside)
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    # prompt tokens looked up in / found in the prefix cache (each admission)
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     num_preemptions: int = 0
-    num_images_encoded: int = 0
+    # images whose KV came whole from the prefix cache (the encoder cache was not even asked)
     num_images_cached: int = 0
+    encoder_cache_hits: int = 0
+    encoder_cache_misses: int = 0
+    vision_encoder_seconds: float = 0.0
 
-    def add(self, stats: SchedulerStats) -> None:
-        self.prefix_cache_queries += stats.prefix_cache_queries
-        self.prefix_cache_hits += stats.prefix_cache_hits
-        self.num_preemptions += stats.num_preemptions
-        self.num_images_encoded += stats.num_images_encoded
-        self.num_images_cached += stats.num_images_cached
+    def add_step(
+        self,
+        scheduler: SchedulerStats,
+        encoder: EncoderStats | None,
+        *,
+        num_prompt_tokens: int = 0,
+        num_generation_tokens: int = 0,
+    ) -> EngineStats:
+        """The snapshot after one more step (`encoder` None: no image that step, cache unchanged)."""
+        encoder_fields: dict[str, Any] = {}
+        if encoder is not None:
+            encoder_fields = {
+                "encoder_cache_bytes": encoder.cache_bytes,
+                "encoder_cache_hits": self.encoder_cache_hits + encoder.num_cache_hits,
+                "encoder_cache_misses": self.encoder_cache_misses + encoder.num_cache_misses,
+                "vision_encoder_seconds": self.vision_encoder_seconds + encoder.encoder_seconds,
+            }
+        return replace(
+            self,
+            num_running=scheduler.num_running,
+            num_waiting=scheduler.num_waiting,
+            kv_cache_usage=scheduler.kv_cache_usage,
+            num_prompt_tokens=self.num_prompt_tokens + num_prompt_tokens,
+            num_generation_tokens=self.num_generation_tokens + num_generation_tokens,
+            prefix_cache_queries=self.prefix_cache_queries + scheduler.prefix_cache_queries,
+            prefix_cache_hits=self.prefix_cache_hits + scheduler.prefix_cache_hits,
+            num_preemptions=self.num_preemptions + scheduler.num_preemptions,
+            num_images_cached=self.num_images_cached + scheduler.num_images_cached,
+            **encoder_fields,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,11 +161,3 @@ class ImageStats:
         with self._lock:
             self.num_images += 1
             self.preprocess_seconds += seconds
-
-
-@dataclass(slots=True)
-class EncoderStats:
-    """Vision-encoder runs of the model runner, added up (written by the engine thread only)."""
-
-    num_images: int = 0
-    encoder_seconds: float = 0.0

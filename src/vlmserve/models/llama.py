@@ -93,7 +93,7 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """inputs_embeds [T, hidden], positions [T] int64 -> hidden [T, hidden] after the final norm."""
         cos_sin = self.rotary_emb(positions, inputs_embeds.dtype)  # 2 x [T, head_dim]
-        metadata = AttentionMetadata.build(positions)
+        metadata = AttentionMetadata.build(positions, kv_cache)
         hidden_states = inputs_embeds
         for layer in self.layers:
             hidden_states = layer(hidden_states, metadata, cos_sin, kv_cache)

@@ -50,6 +50,9 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
+    # drop tokens less likely than min_p x the most likely token's probability (after temperature);
+    # 0.0: off
+    min_p: float = 0.0
     max_tokens: int = 1024
     seed: int | None = None
     # stop strings: generation ends when the text contains one; it is cut before the match.
@@ -62,6 +65,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     # None: no logprobs; k >= 0: the sampled token's logprob plus the k most likely alternatives
     logprobs: int | None = None
+    # (token_id, bias) pairs added to the logits before anything else (OpenAI logit_bias); the ids
+    # are in the vocabulary (checked at the edge)
+    logit_bias: tuple[tuple[int, float], ...] = ()
     # structured output: the text must follow this constraint; None: unconstrained
     guided: GuidedDecodingSpec | None = None
 

@@ -1,12 +1,13 @@
 """Runs one engine step on the device: SchedulerOutput in, ModelRunnerOutput out.
 
 Owns the model, the paged KV pool and the runner's per-request state (token ids, block tables,
-seeded RNGs). A step: update the states from the SchedulerOutput -> build the flat batch
-(input_batch.py) -> embed tokens, run the vision encoder on the images this step's chunks cover and
-write their features over the placeholder tokens -> one forward over all requests' tokens (linear
-layers see the whole [T, hidden] batch; attention is per request over the pool) -> logits only at
-the rows that sample -> the Sampler, one row per request. Knows nothing of HTTP or the scheduler's
-queues: it trusts the SchedulerOutput contract (engine/outputs.py) and checks it where cheap.
+seeded RNGs) and the encoder cache (image features by content hash). A step: update the states
+from the SchedulerOutput -> build the flat batch (input_batch.py) -> embed tokens, take the features
+of the images this step's chunks cover from the encoder cache or the vision encoder and write them
+over the placeholder tokens -> one forward over all requests' tokens (linear layers see the whole
+[T, hidden] batch; attention is per request over the pool) -> logits only at the rows that sample
+-> the Sampler, all rows at once. Knows nothing of HTTP or the scheduler's queues: it trusts the
+SchedulerOutput contract (engine/outputs.py) and checks it where cheap.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import torch
 from vlmserve.engine.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from vlmserve.layers.attention import PagedKVCache
 from vlmserve.metrics.stats import EncoderStats
+from vlmserve.protocol.types import ImageInput
+from vlmserve.runner.encoder_cache import EncoderCache
 from vlmserve.runner.input_batch import CachedRequestState, InputBatch, build_input_batch
-from vlmserve.runner.sampler import Sampler, make_generator
+from vlmserve.runner.sampler import Sampler, SamplingMetadata, make_generator
 
 logger = logging.getLogger(__name__)
 
@@ -29,15 +32,23 @@ class ModelRunner:
     """`execute(scheduler_output)` computes one step for every scheduled request."""
 
     def __init__(
-        self, model: torch.nn.Module, kv_cache: PagedKVCache, *, device: torch.device, dtype: torch.dtype
+        self,
+        model: torch.nn.Module,
+        kv_cache: PagedKVCache,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        encoder_cache_bytes: int = 0,
     ) -> None:
+        """encoder_cache_bytes: budget of the image-embedding cache (0: off, every image is encoded)."""
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
-        # vision-encoder runs added up (read by the metrics exporter)
-        self.encoder_stats = EncoderStats()
         self.dtype = dtype
         self.sampler = Sampler()
+        self.encoder_cache = EncoderCache(encoder_cache_bytes)
+        # the vision encoder's work in the step under way (None: no image in it)
+        self.step_encoder_stats: EncoderStats | None = None
         self.requests: dict[str, CachedRequestState] = {}
         # outlive preemption (unlike `requests`), so a seeded request resumes its random stream
         # where it stopped instead of replaying it; dropped when the request finishes
@@ -56,6 +67,7 @@ class ModelRunner:
         """Updates the states and runs the model: the batch and logits [N, vocab] float32 of its
         sampled rows (batch None when nothing is scheduled)."""
         self._update_states(scheduler_output)
+        self.step_encoder_stats = None
         if scheduler_output.total_num_scheduled_tokens == 0:
             return None, torch.empty(0)
         batch = build_input_batch(scheduler_output, self.requests, self.kv_cache, self.device)
@@ -97,8 +109,13 @@ class ModelRunner:
 
     # --- inputs ----------------------------------------------------------------------------------
     def _embed(self, batch: InputBatch, scheduler_output: SchedulerOutput) -> torch.Tensor:
-        """Token embeddings [T, hidden], with the features of this step's images over their tokens."""
+        """Token embeddings [T, hidden], with the features of this step's images over their tokens
+        (sets step_encoder_stats when there are images)."""
         embeds = self.model.embed_tokens(batch.input_ids)
+        if not scheduler_output.scheduled_encoder_inputs:
+            return embeds
+        encoder_seconds: list[float] = []  # one entry per image encoded; cache hits add none
+        num_images = 0
         for request_id, image_indices in scheduler_output.scheduled_encoder_inputs.items():
             state = self.requests[request_id]
             chunk_start = batch.query_start(request_id)
@@ -109,39 +126,52 @@ class ModelRunner:
                     state.num_computed_tokens + scheduler_output.num_scheduled_tokens[request_id]
                 ):
                     raise RuntimeError(f"request {request_id}: image {index} is split across chunks")
-                features = self._encode(image.pixel_values)
+                features = self._image_features(image, encoder_seconds)
+                num_images += 1
                 if features.shape[0] != image.length:
                     raise RuntimeError(
                         f"request {request_id}: image {index} has {image.length} placeholder tokens "
                         f"but the vision encoder gave {features.shape[0]} features"
                     )
                 embeds[row : row + image.length] = features.to(embeds.dtype)
+        self.step_encoder_stats = EncoderStats(
+            num_cache_hits=num_images - len(encoder_seconds),
+            num_cache_misses=len(encoder_seconds),
+            encoder_seconds=sum(encoder_seconds),
+            cache_bytes=self.encoder_cache.num_bytes,
+        )
         return embeds
 
-    def _encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The vision encoder on one image, timed (on CUDA the timing waits for the kernels)."""
+    def _image_features(self, image: ImageInput, encoder_seconds: list[float]) -> torch.Tensor:
+        """One image's features [length, hidden]: from the encoder cache, else from the vision encoder
+        (then cached; its time appended to encoder_seconds, on CUDA waiting for the kernels)."""
+        features = self.encoder_cache.get(image.content_hash)
+        if features is not None:
+            return features
         started = time.perf_counter()
-        features = self.model.embed_images(pixel_values.to(device=self.device, dtype=self.dtype))
+        features = self.model.embed_images(image.pixel_values.to(device=self.device, dtype=self.dtype))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.encoder_stats.num_images += 1
-        self.encoder_stats.encoder_seconds += time.perf_counter() - started
+        encoder_seconds.append(time.perf_counter() - started)
+        self.encoder_cache.put(image.content_hash, features)
         return features
 
     # --- outputs ---------------------------------------------------------------------------------
     def sample(self, batch: InputBatch, logits: torch.Tensor) -> ModelRunnerOutput:
-        """Samples each logits row with its request's settings and RNG, one row at a time for now
-        (batched sampling is a later step), and appends the token to the request's state."""
-        output = ModelRunnerOutput()
-        for row, request_id in enumerate(batch.sampled_request_ids):
-            state = self.requests[request_id]
-            result = self.sampler.sample(
-                logits[row], state.sampling_params, state.output_token_ids, self.generators[request_id]
-            )
+        """Samples all logits rows at once, each with its request's settings and RNG, and appends the
+        token to the request's state."""
+        states = [self.requests[request_id] for request_id in batch.sampled_request_ids]
+        metadata = SamplingMetadata(
+            params=[state.sampling_params for state in states],
+            output_token_ids=[state.output_token_ids for state in states],
+            generators=[self.generators[state.request_id] for state in states],
+        )
+        output = ModelRunnerOutput(encoder_stats=self.step_encoder_stats)
+        for state, result in zip(states, self.sampler.sample(logits, metadata), strict=True):
             state.token_ids.append(result.token_id)
-            output.sampled_token_ids[request_id] = result.token_id
+            output.sampled_token_ids[state.request_id] = result.token_id
             if result.logprob is not None:
-                output.logprobs[request_id] = result.logprob
+                output.logprobs[state.request_id] = result.logprob
         return output
 
     @torch.inference_mode()

@@ -165,7 +165,7 @@ async def test_concurrent_requests_share_steps():
     results = await asyncio.gather(*(collect(engine, request(f"r{i}")) for i in range(8)))
     assert [t for t, _ in results] == ["hello world"] * 8
     assert all_blocks_free(engine)
-    assert engine.core.last_stats.num_running == 0
+    assert engine.stats().num_running == 0
     await engine.aclose()
 
 

@@ -85,7 +85,7 @@ async def test_engine_requests_are_measured() -> None:
         await anext(generator)
         await generator.aclose()  # the consumer goes away: an abort
         for _ in range(100):
-            if engine.scheduler_stats().kv_cache_usage == 0 and engine.scheduler_stats().num_running == 0:
+            if engine.stats().kv_cache_usage == 0 and engine.stats().num_running == 0:
                 break
             await asyncio.sleep(0.01)
         values = samples(exporter)

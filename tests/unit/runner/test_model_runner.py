@@ -1,6 +1,6 @@
 """ModelRunner over the paged KV pool on a tiny random Nemotron-VL: a mixed batch (prefill chunks and
 decodes, an image, scattered block tables) gives the logits of each request run alone through the
-contiguous KVCache path."""
+contiguous KVCache path; the encoder cache skips the vision encoder for an image seen before."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import torch
 
 from vlmserve.engine.outputs import NewRequestData, RunningRequestData, SchedulerOutput
 from vlmserve.layers.attention import KVCacheSpec, PagedKVCache
+from vlmserve.metrics.stats import EncoderStats
 from vlmserve.models.registry import load_model
 from vlmserve.protocol.types import ImageInput, SamplingParams
+from vlmserve.runner.encoder_cache import EncoderCache
 from vlmserve.runner.model_runner import ModelRunner
 
 BLOCK_SIZE = 4
@@ -134,3 +136,85 @@ def test_prefix_hit_and_partial_chunks_sample_only_at_the_end(model: torch.nn.Mo
     assert partial.sampled_token_ids == {}
     last = runner.execute(scheduler_output(running=[RunningRequestData("y", [], 18)], num_scheduled={"y": 2}))
     assert last.sampled_token_ids == {"y": first.sampled_token_ids["x"]}
+
+
+class SpyModel:
+    """The model with embed_images counted (everything else passes through)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.num_embed_images = 0
+
+    def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        self.num_embed_images += 1
+        return self.model.embed_images(pixel_values)
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+
+def make_image(seed: int, offset: int) -> ImageInput:
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+    return ImageInput(pixels, num_tiles=2, content_hash=f"image-{seed}", offset=offset, length=8)
+
+
+def run_alone(runner: ModelRunner, request_id: str, prompt: list[int], image: ImageInput, blocks: list[int]):
+    """Prefill of one request with one image: the logits of its last position and the step's output."""
+    step = scheduler_output(
+        new=[new_request(request_id, prompt, blocks, images=[image])],
+        num_scheduled={request_id: len(prompt)},
+        encoder_inputs={request_id: [0]},
+    )
+    batch, logits = runner.compute_logits(step)
+    assert batch is not None
+    return logits[0].clone(), runner.sample(batch, logits)
+
+
+def test_encoder_cache_skips_the_encoder_for_an_image_sent_again(model: torch.nn.Module) -> None:
+    """A second request with the same image after another prefix (no prefix-cache hit possible) takes
+    the features from the encoder cache: embed_images is not called, and the logits equal a run
+    without the cache."""
+    first_prompt = [11, 12, 13, *[0] * 8, 14, 15]
+    second_prompt = [21, 22, 23, 24, 25, *[0] * 8, 26]  # another question, the image further on
+    spy = SpyModel(model)
+    runner = make_runner(model)
+    runner.model = spy  # type: ignore[assignment]
+    runner.encoder_cache = EncoderCache(1 << 20)
+
+    _, first = run_alone(runner, "a", first_prompt, make_image(0, offset=3), list(range(0, 4)))
+    assert spy.num_embed_images == 1
+    assert first.encoder_stats == EncoderStats(
+        num_cache_misses=1,
+        encoder_seconds=first.encoder_stats.encoder_seconds,
+        cache_bytes=runner.encoder_cache.num_bytes,
+    )
+    cached_logits, second = run_alone(runner, "b", second_prompt, make_image(0, offset=5), list(range(4, 8)))
+    assert spy.num_embed_images == 1  # not called again
+    assert second.encoder_stats is not None and second.encoder_stats.num_cache_hits == 1
+    assert second.encoder_stats.num_cache_misses == 0 and second.encoder_stats.encoder_seconds == 0.0
+
+    uncached_logits, _ = run_alone(
+        make_runner(model), "b", second_prompt, make_image(0, offset=5), [0, 1, 2, 3]
+    )
+    assert torch.equal(cached_logits, uncached_logits)
+
+
+def test_encoder_cache_evicts_by_budget_and_off_still_works(model: torch.nn.Module) -> None:
+    prompt = [11, 12, 13, *[0] * 8, 14]
+    features_bytes = model.embed_images(make_image(0, 3).pixel_values).numel() * 4
+    for budget, expected_calls in [(features_bytes, 3), (2 * features_bytes, 2), (0, 3)]:
+        spy = SpyModel(model)
+        runner = make_runner(model)
+        runner.model = spy  # type: ignore[assignment]
+        runner.encoder_cache = EncoderCache(budget)
+        logits = []
+        for i, seed in enumerate([0, 1, 0]):  # with room for one image, image 1 evicts image 0
+            logits.append(
+                run_alone(runner, f"r{i}", prompt, make_image(seed, 3), [4 * i + b for b in range(4)])[0]
+            )
+        assert spy.num_embed_images == expected_calls, budget
+        assert runner.encoder_cache.num_bytes <= budget
+        assert torch.equal(logits[0], logits[2])
