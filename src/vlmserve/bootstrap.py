@@ -27,6 +27,7 @@ from vlmserve.inputs.tokenizer import eos_token_ids, load_tokenizer
 from vlmserve.layers.attention import KVCacheSpec, PagedKVCache
 from vlmserve.models.registry import load_model
 from vlmserve.runner.model_runner import ModelRunner
+from vlmserve.runner.structured_output import TokenizerInfo, build_tokenizer_info
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ class ModelServer:
     engine: AsyncEngine
     preprocessor: InputPreprocessor
     tokenizer: Any
+    # what structured-output specs compile against (shared with the engine's runner)
+    tokenizer_info: TokenizerInfo
     served_model_name: str
     max_model_len: int
     created: int
@@ -132,6 +135,7 @@ def load_model_server(config: ServerConfig) -> ModelServer:
     tokenizer = load_tokenizer(model_dir)
     processor = _import(loaded.family.processor)(loaded.raw_config, tokenizer, max_tiles=config.max_tiles)
     eos = eos_token_ids(model_dir, tokenizer)
+    tokenizer_info = build_tokenizer_info(tokenizer, eos, logits_width(loaded.model, device))
     engine = build_engine(
         config,
         loaded.model,
@@ -141,6 +145,7 @@ def load_model_server(config: ServerConfig) -> ModelServer:
         dtype=dtype,
         max_model_len=max_model_len,
         max_image_tokens=processor.tokens_per_tile * (config.max_tiles + 1),
+        tokenizer_info=tokenizer_info,
     )
     architecture = loaded.raw_config["architectures"][0]
     logger.info(
@@ -160,6 +165,7 @@ def load_model_server(config: ServerConfig) -> ModelServer:
         engine=engine,
         preprocessor=InputPreprocessor(tokenizer, processor, config),
         tokenizer=tokenizer,
+        tokenizer_info=tokenizer_info,
         served_model_name=served_name,
         max_model_len=max_model_len,
         created=int(time.time()),
@@ -175,6 +181,13 @@ def load_model_server(config: ServerConfig) -> ModelServer:
             "max_images_per_prompt": config.max_images_per_prompt,
         },
     )
+
+
+@torch.inference_mode()
+def logits_width(model: torch.nn.Module, device: torch.device) -> int:
+    """The model's logits width (its vocabulary, padding rows included), from one embedded token."""
+    ids = torch.zeros(1, dtype=torch.long, device=device)
+    return int(model.compute_logits(model.embed_tokens(ids)).shape[-1])
 
 
 def _max_model_len(config: ServerConfig, hf_config: dict[str, Any]) -> int:
@@ -202,11 +215,13 @@ def build_engine(
     dtype: torch.dtype,
     max_model_len: int,
     max_image_tokens: int,
+    tokenizer_info: TokenizerInfo | None = None,
 ) -> AsyncEngine:
     """Sizes and allocates the KV pool, builds scheduler and runner, starts the engine thread.
 
     max_image_tokens: the placeholder tokens of the largest image (tokens_per_tile x (max_tiles + 1)),
-    so that by default any one image fits in a step's token budget."""
+    so that by default any one image fits in a step's token budget. tokenizer_info: for structured
+    output (None: guided requests fail)."""
     spec = KVCacheSpec.from_model(model, dtype)
     num_blocks = kv_cache_num_blocks(config, spec, device, max_model_len)
     scheduler_config = SchedulerConfig(
@@ -217,7 +232,12 @@ def build_engine(
     )
     kv_cache = PagedKVCache.allocate(spec, num_blocks, config.block_size, device=device)
     runner = ModelRunner(
-        model, kv_cache, device=device, dtype=dtype, encoder_cache_bytes=config.encoder_cache_bytes
+        model,
+        kv_cache,
+        device=device,
+        dtype=dtype,
+        encoder_cache_bytes=config.encoder_cache_bytes,
+        tokenizer_info=tokenizer_info,
     )
     runner.warm_up()
     logger.info(

@@ -90,6 +90,11 @@ class ModelRunnerOutput:
     logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
     # the vision encoder's work this step; None when the step had no image
     encoder_stats: EncoderStats | None = None
+    # structured output: requests whose guide is complete with this step's token (nothing but eos
+    # may follow: they stop here, ignore_eos or not), and requests whose guide failed (a token it
+    # does not allow, a grammar too complex to go on): request_id -> why; they end with an error
+    guides_finished: set[str] = field(default_factory=set)
+    guide_errors: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def make_empty(cls) -> ModelRunnerOutput:

@@ -16,7 +16,7 @@ from vlmserve.engine.outputs import ModelRunnerOutput, NewRequestData, RunningRe
 from vlmserve.engine.request import Request, RequestStatus
 from vlmserve.errors import ContextLengthExceededError, ServerBusyError
 from vlmserve.metrics.stats import SchedulerStats
-from vlmserve.protocol.types import EngineOutput, TokenLogprob
+from vlmserve.protocol.types import EngineOutput
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,8 +185,7 @@ class Scheduler:
             self.kv_cache_manager.cache_blocks(request, request.num_computed_tokens)
             if request.num_computed_tokens < request.num_tokens:
                 continue  # a partial prefill chunk: nothing sampled
-            token_id = runner_output.sampled_token_ids[request_id]
-            outputs.append(self._append_token(request, token_id, runner_output.logprobs.get(request_id)))
+            outputs.append(self._append_token(request, runner_output))
         return outputs
 
     def make_stats(self) -> SchedulerStats:
@@ -327,16 +326,29 @@ class Scheduler:
         )
 
     # --- results -------------------------------------------------------------------------------
-    def _append_token(self, request: Request, token_id: int, logprob: TokenLogprob | None) -> EngineOutput:
+    def _append_token(self, request: Request, runner_output: ModelRunnerOutput) -> EngineOutput:
+        request_id = request.request_id
+        token_id = runner_output.sampled_token_ids[request_id]
         request.output_token_ids.append(token_id)
-        status = self._check_stop(request, token_id)
+        guide_error = runner_output.guide_errors.get(request_id)
+        if guide_error is not None:
+            status: RequestStatus | None = RequestStatus.FINISHED_ERROR
+        elif request_id in runner_output.guides_finished:
+            # the structured output is whole and nothing but eos may follow: stop, ignore_eos or not
+            # (and STOP rather than LENGTH when it completes on the last allowed token)
+            status = RequestStatus.FINISHED_STOPPED
+        else:
+            status = self._check_stop(request, token_id)
         if status is not None:
             self._finish(request, status)
         output = self._output(request, [token_id])
+        logprob = runner_output.logprobs.get(request_id)
         if logprob is not None:
             output.logprobs.append(logprob)
         output.finish_reason = request.finish_reason
         output.stop_reason = request.stop_reason
+        if guide_error is not None:
+            output.error = f"structured output failed: {guide_error}"
         return output
 
     def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:

@@ -153,6 +153,8 @@ class NVExt(OpenAIBaseModel):
     """NIM's extension object `nvext`."""
 
     top_k: int = -1
+    # drop tokens less likely than min_p x the most likely token's probability (vLLM's min_p; 0: off)
+    min_p: float = Field(0.0, ge=0, le=1)
     repetition_penalty: float = Field(1.0, gt=0, le=2)
     ignore_eos: bool = False
     guided_json: dict[str, Any] | str | None = None
@@ -249,11 +251,34 @@ class ChatCompletionRequest(OpenAIBaseModel):
         if self.tools or self.tool_choice not in (None, "none", "auto"):
             param = "tools" if self.tools else "tool_choice"
             raise InvalidRequestError("tool calling is not offered for this model", param=param)
-        if self.logit_bias:
-            raise InvalidRequestError("logit_bias is not supported yet", param="logit_bias")
+        self.logit_bias_pairs()
         # structured output: well-formed and at most one constraint (whether it compiles is checked
         # against the tokenizer by runner/structured_output.validate_spec, still before the engine)
         _guided_spec(self)
+
+    @property
+    def guided_spec(self) -> GuidedDecodingSpec | None:
+        """The structured-output constraint (InvalidRequestError when malformed or several)."""
+        return _guided_spec(self)
+
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """logit_bias as (token_id, bias) pairs sorted by id. InvalidRequestError (400) for a key that is
+        not a token id or a bias outside [-100, 100] (OpenAI's range); whether an id is in the
+        vocabulary is checked where the tokenizer is known."""
+        pairs = []
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.strip().isdigit():
+                raise InvalidRequestError(
+                    f"logit_bias: key {key[:40]!r} is not a token id (a non-negative integer as a string)",
+                    param="logit_bias",
+                )
+            if not -100 <= bias <= 100:
+                raise InvalidRequestError(
+                    f"logit_bias: the bias of token {key.strip()} is {bias}, outside [-100, 100]",
+                    param="logit_bias",
+                )
+            pairs.append((int(key), float(bias)))
+        return tuple(sorted(pairs))
 
     def to_sampling_params(self, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> SamplingParams:
         """The engine's sampling settings; `default_max_tokens` applies when the request names none."""
@@ -272,6 +297,8 @@ class ChatCompletionRequest(OpenAIBaseModel):
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+            min_p=nvext.min_p,
+            logit_bias=self.logit_bias_pairs(),
             guided=_guided_spec(self),
         )
 

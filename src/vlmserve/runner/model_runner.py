@@ -18,12 +18,20 @@ import time
 import torch
 
 from vlmserve.engine.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutput
+from vlmserve.errors import InvalidRequestError
 from vlmserve.layers.attention import PagedKVCache
 from vlmserve.metrics.stats import EncoderStats
 from vlmserve.protocol.types import ImageInput
 from vlmserve.runner.encoder_cache import EncoderCache
 from vlmserve.runner.input_batch import CachedRequestState, InputBatch, build_input_batch
 from vlmserve.runner.sampler import Sampler, SamplingMetadata, make_generator
+from vlmserve.runner.structured_output import (
+    GuideState,
+    TokenizerInfo,
+    allocate_bitmask,
+    compile_guide,
+    unpack_bitmask,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +47,11 @@ class ModelRunner:
         device: torch.device,
         dtype: torch.dtype,
         encoder_cache_bytes: int = 0,
+        tokenizer_info: TokenizerInfo | None = None,
     ) -> None:
-        """encoder_cache_bytes: budget of the image-embedding cache (0: off, every image is encoded)."""
+        """encoder_cache_bytes: budget of the image-embedding cache (0: off, every image is encoded).
+        tokenizer_info: what structured output compiles guides against (None: a guided request
+        fails with an error)."""
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
@@ -53,6 +64,11 @@ class ModelRunner:
         # outlive preemption (unlike `requests`), so a seeded request resumes its random stream
         # where it stopped instead of replaying it; dropped when the request finishes
         self.generators: dict[str, torch.Generator] = {}
+        # structured output: each guided request's position in its guide; like `generators` it
+        # outlives preemption (the guide has consumed the outputs the request resumes with)
+        self.tokenizer_info = tokenizer_info
+        self.guides: dict[str, GuideState] = {}
+        self._guide_errors: dict[str, str] = {}
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -82,6 +98,8 @@ class ModelRunner:
         for request_id in scheduler_output.finished_request_ids:
             self.requests.pop(request_id, None)
             self.generators.pop(request_id, None)
+            self.guides.pop(request_id, None)
+            self._guide_errors.pop(request_id, None)
         for request_id in scheduler_output.preempted_request_ids:
             self.requests.pop(request_id, None)
         for new in scheduler_output.scheduled_new_requests:
@@ -97,6 +115,8 @@ class ModelRunner:
     def _new_state(self, new: NewRequestData) -> CachedRequestState:
         if new.request_id not in self.generators:
             self.generators[new.request_id] = make_generator(new.sampling_params.seed, self.device)
+        if new.sampling_params.guided is not None and new.request_id not in self.guides:
+            self._start_guide(new)
         return CachedRequestState(
             request_id=new.request_id,
             token_ids=list(new.prompt_token_ids) + list(new.output_token_ids),
@@ -156,23 +176,65 @@ class ModelRunner:
         self.encoder_cache.put(image.content_hash, features)
         return features
 
+    def _start_guide(self, new: NewRequestData) -> None:
+        """The request's guide in its start state (the front end compiled the spec already, so this
+        is a cache hit). A spec that does not compile here fails the request, not the step."""
+        spec = new.sampling_params.guided
+        assert spec is not None
+        if self.tokenizer_info is None:
+            self._guide_errors[new.request_id] = "this engine has no tokenizer for structured output"
+            return
+        try:
+            self.guides[new.request_id] = compile_guide(spec, self.tokenizer_info).new_state()
+        except InvalidRequestError as e:
+            self._guide_errors[new.request_id] = e.message
+
     # --- outputs ---------------------------------------------------------------------------------
     def sample(self, batch: InputBatch, logits: torch.Tensor) -> ModelRunnerOutput:
-        """Samples all logits rows at once, each with its request's settings and RNG, and appends the
-        token to the request's state."""
+        """Samples all logits rows at once, each with its request's settings, RNG and guide, and
+        appends the token to the request's state."""
         states = [self.requests[request_id] for request_id in batch.sampled_request_ids]
+        guided = [
+            (row, self.guides.get(state.request_id))
+            for row, state in enumerate(states)
+            if state.sampling_params.guided is not None
+        ]
         metadata = SamplingMetadata(
             params=[state.sampling_params for state in states],
             output_token_ids=[state.output_token_ids for state in states],
             generators=[self.generators[state.request_id] for state in states],
+            allowed_token_mask=self._allowed_token_mask(guided, len(states), logits),
         )
         output = ModelRunnerOutput(encoder_stats=self.step_encoder_stats)
-        for state, result in zip(states, self.sampler.sample(logits, metadata), strict=True):
+        results = self.sampler.sample(logits, metadata)
+        for state, result in zip(states, results, strict=True):
             state.token_ids.append(result.token_id)
             output.sampled_token_ids[state.request_id] = result.token_id
             if result.logprob is not None:
                 output.logprobs[state.request_id] = result.logprob
+        for row, guide in guided:
+            request_id = states[row].request_id
+            if guide is None:
+                output.guide_errors[request_id] = self._guide_errors.get(request_id, "no guide")
+            elif not guide.accept(results[row].token_id):
+                output.guide_errors[request_id] = guide.error or "the sampled token breaks the guide"
+            elif guide.is_terminated():
+                output.guides_finished.add(request_id)
         return output
+
+    def _allowed_token_mask(
+        self, guided: list[tuple[int, GuideState | None]], num_rows: int, logits: torch.Tensor
+    ) -> torch.Tensor | None:
+        """bool [num_rows, vocab] on the logits' device: each guided row's next allowed tokens, all
+        tokens in the other rows (ids past the tokenizer never); None when no row has a guide.
+        Filled on the CPU as a packed bitmask (4 bytes per 32 tokens), moved once, unpacked there."""
+        if self.tokenizer_info is None or all(guide is None for _, guide in guided):
+            return None
+        bitmask = allocate_bitmask(num_rows, self.tokenizer_info.vocab_size)
+        for row, guide in guided:
+            if guide is not None:
+                guide.fill_mask(bitmask[row])
+        return unpack_bitmask(bitmask.to(logits.device, non_blocking=True), logits.shape[1])
 
     @torch.inference_mode()
     def warm_up(self) -> None:

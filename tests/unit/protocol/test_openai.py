@@ -133,7 +133,9 @@ def test_unknown_fields_are_ignored() -> None:
             "tool calling is not offered",
         ),
         ({"tool_choice": "required"}, "tool_choice", "tool calling is not offered"),
-        ({"logit_bias": {"42": 1.0}}, "logit_bias", "not supported yet"),
+        ({"logit_bias": {"-1": 1.0}}, "logit_bias", "'-1' is not a token id"),
+        ({"logit_bias": {"4x": 1.0}}, "logit_bias", "'4x' is not a token id"),
+        ({"logit_bias": {"42": -100.5}}, "logit_bias", "outside [-100, 100]"),
     ],
 )
 def test_unsupported_fields_are_refused(fields: dict[str, Any], param: str, needle: str) -> None:
@@ -151,11 +153,18 @@ def test_unsupported_fields_are_refused(fields: dict[str, Any], param: str, need
         {"tool_choice": "none"},
         {"tool_choice": "auto"},
         {"logit_bias": {}},
+        {"logit_bias": {"42": 1.0, " 7": -100}},
         {"response_format": {"type": "text"}},
     ],
 )
 def test_harmless_forms_are_accepted(fields: dict[str, Any]) -> None:
     parse(**fields).check_supported()
+
+
+def test_logit_bias_and_min_p_reach_the_sampling_params() -> None:
+    params = parse(logit_bias={"42": 1.5, "7": -100}, nvext={"min_p": 0.2}).to_sampling_params()
+    assert params.logit_bias == ((7, -100.0), (42, 1.5))
+    assert params.min_p == 0.2
 
 
 def test_chunk_serialises_only_what_is_set() -> None:

@@ -8,6 +8,7 @@ it slow, endless, busy, failing or dead. Real engines and models are tested else
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -24,11 +25,28 @@ from vlmserve.protocol.types import (
     ImagePart,
     TokenLogprob,
 )
+from vlmserve.runner.structured_output import TokenizerInfo, build_tokenizer_info
 
 MODEL = "test/tiny-vlm"
 PIECES = ["Hello", ",", " world", "!"]
 FIRST_TOKEN_ID = 100
 IMAGE_TOKENS = 10
+
+
+@functools.cache
+def byte_tokenizer_info() -> TokenizerInfo:
+    """A real TokenizerInfo over a byte-level tokenizer of 256 byte tokens + eos (id 256), built in
+    memory: structured-output specs really compile against it (the 400s are the real ones)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {char: index for index, char in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    vocab["</s>"] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>")
+    return build_tokenizer_info(tokenizer, [vocab["</s>"]])
 
 
 class FakeTokenizer:
@@ -170,6 +188,7 @@ class FakeModelServer:
     engine: FakeEngine = field(default_factory=FakeEngine)
     preprocessor: FakePreprocessor = field(default_factory=FakePreprocessor)
     tokenizer: FakeTokenizer = field(default_factory=FakeTokenizer)
+    tokenizer_info: TokenizerInfo = field(default_factory=byte_tokenizer_info)
     served_model_name: str = MODEL
     max_model_len: int = 4096
     created: int = field(default_factory=lambda: int(time.time()))

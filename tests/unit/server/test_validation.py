@@ -166,7 +166,26 @@ RULES: dict[str, tuple[dict[str, Any], int, str | None, tuple[str, ...]]] = {
         ("tool calling is not offered",),
     ),
     "tool_choice required": (chat_body(tool_choice="required"), 400, "tool_choice", ("tool calling",)),
-    "logit_bias": (chat_body(logit_bias={"5": 2}), 400, "logit_bias", ("logit_bias", "not supported yet")),
+    "logit_bias key not an id": (
+        chat_body(logit_bias={"hello": 2}),
+        400,
+        "logit_bias",
+        ("logit_bias", "'hello' is not a token id"),
+    ),
+    "logit_bias over 100": (
+        chat_body(logit_bias={"5": 101}),
+        400,
+        "logit_bias",
+        ("logit_bias", "token 5", "outside [-100, 100]"),
+    ),
+    # the fake model's vocabulary: 256 byte tokens + eos
+    "logit_bias id past the vocabulary": (
+        chat_body(logit_bias={"257": 1}),
+        400,
+        "logit_bias",
+        ("logit_bias", "token id 257 is outside the vocabulary", "0 to 256"),
+    ),
+    "nvext.min_p over 1": (chat_body(nvext={"min_p": 1.5}), 422, "nvext.min_p", ("min_p", LE)),
     "two structured-output constraints": (
         chat_body(response_format={"type": "json_object"}, nvext={"guided_regex": "a+"}),
         400,
@@ -179,18 +198,26 @@ RULES: dict[str, tuple[dict[str, Any], int, str | None, tuple[str, ...]]] = {
         "nvext.guided_json",
         ("nvext.guided_json is not valid JSON",),
     ),
-    # until the grammar backend is hooked into the sampler, constrained output is refused, never faked
-    "json_object not yet served": (
-        chat_body(response_format={"type": "json_object"}),
+    # the spec really compiles against the model's tokenizer, before the engine sees the request
+    "guided_regex does not compile": (
+        chat_body(nvext={"guided_regex": "a(b"}),
         400,
-        "response_format",
-        ("structured output", "not supported yet"),
+        "nvext.guided_regex",
+        ("nvext.guided_regex (regular expression) cannot be used",),
     ),
-    "guided_regex not yet served": (
-        chat_body(nvext={"guided_regex": "a+"}),
+    "json_schema with a bad type": (
+        chat_body(
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}
+        ),
         400,
-        "nvext",
-        ("structured output", "not supported yet"),
+        "response_format.json_schema.schema",
+        ("response_format.json_schema.schema (JSON schema) cannot be used",),
+    ),
+    "guided_grammar does not parse": (
+        chat_body(nvext={"guided_grammar": "root ::= ("}),
+        400,
+        "nvext.guided_grammar",
+        ("nvext.guided_grammar (grammar) cannot be used",),
     ),
     "context exceeded": (
         chat_body(messages=[{"role": "user", "content": "word " * 4000}], max_tokens=200),
@@ -242,6 +269,10 @@ async def test_rule_also_when_streaming(client: httpx.AsyncClient, case: str) ->
         chat_body(model=None),
         {"messages": [USER]},
         chat_body(unknown_field=1, tools=[], tool_choice="none", response_format={"type": "text"}),
+        chat_body(response_format={"type": "json_object"}, logit_bias={"5": -100, "256": 100}),
+        chat_body(nvext={"guided_regex": r"\d{4}-\d{2}", "min_p": 0.1}),
+        chat_body(nvext={"guided_choice": ["yes", "no"]}),
+        chat_body(nvext={"guided_grammar": 'root ::= "a" [0-9]+'}),
     ],
     ids=lambda body: str(len(body.get("messages", []))),
 )
@@ -261,3 +292,20 @@ async def test_malformed_json_is_422_in_error_shape(client: httpx.AsyncClient) -
 async def test_several_errors_are_all_named(client: httpx.AsyncClient) -> None:
     response = await client.post("/v1/chat/completions", json=chat_body(temperature=2, top_p=0))
     assert_error(response, 422, "temperature", "top_p", param="temperature")
+
+
+async def test_structured_output_and_logit_bias_reach_the_engine(
+    client: httpx.AsyncClient, engine: FakeEngine
+) -> None:
+    body = chat_body(
+        response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "object"}}},
+        logit_bias={"7": 2.5, "3": -100},
+        nvext={"min_p": 0.25},
+    )
+    response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    params = engine.requests[0].sampling_params
+    assert params.guided is not None
+    assert (params.guided.kind, params.guided.value) == ("json", '{"type":"object"}')
+    assert params.logit_bias == ((3, -100.0), (7, 2.5))
+    assert params.min_p == 0.25
