@@ -120,7 +120,7 @@ def build_input_batch(
         slot_mapping=tensor(lists.slot_mapping),
         num_decodes=num_decodes,
         **_decode_metadata(
-            [states[r] for r in order[:num_decodes]], lists.seq_lens[:num_decodes], block_size, device
+            [states[r] for r in order[:num_decodes]], lists.seq_lens[:num_decodes], block_size, kv_cache
         ),
         prefills=tuple(
             _prefill_span(states[order[i]], lists, i, block_size, device)
@@ -139,23 +139,56 @@ def build_input_batch(
     )
 
 
+# Decodes read their context in place (no copy) when there are at most this many of them and each
+# context lies in at most MAX_DECODE_SEGMENTS runs of consecutive blocks; else all are gathered into
+# one padded batch. Per-request attention costs a few small ops per layer, which the batch shares;
+# the gather copies the whole context per layer (measured on CPU: docs/BENCHMARKS.md).
+MAX_IN_PLACE_DECODES = 1
+MAX_DECODE_SEGMENTS = 8
+
+
 def _decode_metadata(
-    states: list[CachedRequestState], seq_lens: list[int], block_size: int, device: torch.device
-) -> dict[str, torch.Tensor]:
-    """decode_block_table [B, max_blocks] (padded with block 0) and decode_mask [B, 1, 1, S]."""
+    states: list[CachedRequestState], seq_lens: list[int], block_size: int, kv_cache: PagedKVCache
+) -> dict:
+    """Either decode_segments (in place) or decode_block_table [B, max_blocks] (padded with block 0)
+    with decode_bias [B, 1, 1, S]; see PagedAttentionContext."""
+    if not states:
+        return {"decode_block_table": None, "decode_bias": None}
+    if len(states) <= MAX_IN_PLACE_DECODES:
+        segments = [
+            context_segments(s.block_ids, n, block_size) for s, n in zip(states, seq_lens, strict=True)
+        ]
+        if all(len(request_segments) <= MAX_DECODE_SEGMENTS for request_segments in segments):
+            return {"decode_block_table": None, "decode_bias": None, "decode_segments": tuple(segments)}
+    device, dtype = kv_cache.key_cache[0].device, kv_cache.key_cache[0].dtype
     num_blocks = [-(-seq_len // block_size) for seq_len in seq_lens]
-    max_blocks = max(num_blocks, default=0)
+    max_blocks = max(num_blocks)
     table = [
         state.block_ids[:n] + [0] * (max_blocks - n) for state, n in zip(states, num_blocks, strict=True)
     ]
     slots = torch.arange(max_blocks * block_size, device=device)
     lens = torch.tensor(seq_lens, dtype=torch.long, device=device)
+    bias = torch.zeros(len(states), max_blocks * block_size, dtype=dtype, device=device)
+    bias.masked_fill_(slots[None, :] >= lens[:, None], float("-inf"))
     return {
         "decode_block_table": torch.tensor(table, dtype=torch.long, device=device).view(
             len(states), max_blocks
         ),
-        "decode_mask": (slots[None, :] < lens[:, None]).view(len(states), 1, 1, max_blocks * block_size),
+        "decode_bias": bias.view(len(states), 1, 1, max_blocks * block_size),
     }
+
+
+def context_segments(block_ids: list[int], seq_len: int, block_size: int) -> tuple[tuple[int, int], ...]:
+    """Positions [0, seq_len) of a request as runs of consecutive flat slots:
+    ((first_slot, num_slots), ...) in position order, one run per stretch of consecutive blocks."""
+    runs: list[list[int]] = []
+    for block_id in block_ids[: -(-seq_len // block_size)]:
+        if runs and runs[-1][0] + runs[-1][1] == block_id * block_size:
+            runs[-1][1] += block_size
+        else:
+            runs.append([block_id * block_size, block_size])
+    runs[-1][1] -= -seq_len % block_size  # the last block is full up to seq_len only
+    return tuple((start, length) for start, length in runs)
 
 
 def _prefill_span(
