@@ -147,6 +147,11 @@ def grouped_decode_attention(
     return out.view(batch, num_heads, head_dim)
 
 
+# Above this many runs a context is copied into one tensor (one copy of the context) rather than
+# attended run by run (two small matmuls a run): per-op overhead beats the copy for fragmented tables.
+MAX_IN_PLACE_SEGMENTS = 8
+
+
 def segmented_decode_attention(
     query: torch.Tensor,
     key_slots: torch.Tensor,
@@ -154,13 +159,18 @@ def segmented_decode_attention(
     segments: tuple[tuple[int, int], ...],
     scale: float,
 ) -> torch.Tensor:
-    """One query token over a context stored as runs of consecutive slots, read in place (no copy):
+    """One query token over a context stored as runs of consecutive slots, read in place:
     query [num_heads, D]; key_slots/value_slots [num_slots, kv_heads, D] (a layer's flat pool);
     segments ((first_slot, num_slots), ...) in position order -> [num_heads, D].
 
     The scores of all runs are concatenated before one softmax (they are small: [kv_heads, group,
-    S]), so the result is the same as over one gathered context.
+    S]), so the result is the same as over one gathered context. A context in more than
+    MAX_IN_PLACE_SEGMENTS runs is gathered into one tensor first.
     """
+    if len(segments) > MAX_IN_PLACE_SEGMENTS:
+        keys = torch.cat([key_slots[s : s + n] for s, n in segments])  # [S, kv_heads, D]
+        values = torch.cat([value_slots[s : s + n] for s, n in segments])
+        return grouped_decode_attention(query[None], keys[None], values[None], scale)[0]
     num_heads, head_dim = query.shape
     num_kv_heads = key_slots.shape[1]
     grouped = (query * scale).view(num_kv_heads, num_heads // num_kv_heads, head_dim)
@@ -277,7 +287,9 @@ class PagedAttentionContext:
     The decodes are read one of two ways, chosen by the runner: `decode_segments` (each request's
     context read in place as runs of consecutive slots: no copy, one small attention per request)
     or `decode_block_table` + `decode_bias` (every request's blocks gathered and padded to the
-    longest: one batched attention for all). Exactly one of the two is set when num_decodes > 0.
+    longest: one batched attention for all, which wins only for short contexts: the copy grows
+    with the context, and matmul copies the padded batch again to merge its batch and head dims).
+    Exactly one of the two is set when num_decodes > 0.
     """
 
     kv_cache: PagedKVCache

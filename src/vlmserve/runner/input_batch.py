@@ -139,12 +139,12 @@ def build_input_batch(
     )
 
 
-# Decodes read their context in place (no copy) when there are at most this many of them and each
-# context lies in at most MAX_DECODE_SEGMENTS runs of consecutive blocks; else all are gathered into
-# one padded batch. Per-request attention costs a few small ops per layer, which the batch shares;
-# the gather copies the whole context per layer (measured on CPU: docs/BENCHMARKS.md).
-MAX_IN_PLACE_DECODES = 1
-MAX_DECODE_SEGMENTS = 8
+# Several decodes whose contexts are all at most this long share one attention over their gathered,
+# padded blocks; otherwise each decode reads its own context in place. Per-request attention costs a
+# few small ops per layer that the batch shares; the gather copies every context in every layer.
+# Measured on the 2-core CPU (docs/BENCHMARKS.md, 2026-11-23): at 4 and 8 decodes the batch wins
+# below ~200 tokens of context and loses 3-10x at 1142.
+MAX_GATHERED_DECODE_LEN = 160
 
 
 def _decode_metadata(
@@ -154,12 +154,11 @@ def _decode_metadata(
     with decode_bias [B, 1, 1, S]; see PagedAttentionContext."""
     if not states:
         return {"decode_block_table": None, "decode_bias": None}
-    if len(states) <= MAX_IN_PLACE_DECODES:
-        segments = [
+    if len(states) == 1 or max(seq_lens) > MAX_GATHERED_DECODE_LEN:
+        segments = tuple(
             context_segments(s.block_ids, n, block_size) for s, n in zip(states, seq_lens, strict=True)
-        ]
-        if all(len(request_segments) <= MAX_DECODE_SEGMENTS for request_segments in segments):
-            return {"decode_block_table": None, "decode_bias": None, "decode_segments": tuple(segments)}
+        )
+        return {"decode_block_table": None, "decode_bias": None, "decode_segments": segments}
     device, dtype = kv_cache.key_cache[0].device, kv_cache.key_cache[0].dtype
     num_blocks = [-(-seq_len // block_size) for seq_len in seq_lens]
     max_blocks = max(num_blocks)

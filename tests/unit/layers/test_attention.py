@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from vlmserve.layers.attention import (
+    MAX_IN_PLACE_SEGMENTS,
     AttentionMetadata,
     KVCache,
     KVCacheSpec,
@@ -23,6 +24,7 @@ from vlmserve.layers.attention import (
 )
 from vlmserve.protocol.types import SamplingParams
 from vlmserve.runner.input_batch import (
+    MAX_GATHERED_DECODE_LEN,
     CachedRequestState,
     _decode_metadata,
     _Lists,
@@ -87,7 +89,9 @@ def test_segmented_decode_matches_reference() -> None:
     slots_k = torch.randn(64, num_kv_heads, head_dim)
     slots_v = torch.randn(64, num_kv_heads, head_dim)
     query = torch.randn(num_kv_heads * group, head_dim)
-    for segments in [((5, 1),), ((0, 20),), ((40, 8), (4, 8), (60, 3)), ((10, 4), (14, 4))]:
+    fragmented = tuple((slot, 2) for slot in range(60, 0, -6))  # 10 runs: over MAX_IN_PLACE_SEGMENTS
+    assert len(fragmented) > MAX_IN_PLACE_SEGMENTS
+    for segments in [((5, 1),), ((0, 20),), ((40, 8), (4, 8), (60, 3)), ((10, 4), (14, 4)), fragmented]:
         index = torch.cat([torch.arange(s, s + n) for s, n in segments])
         ref = reference_attention(query[None], slots_k[index], slots_v[index], len(index) - 1)[0]
         out = segmented_decode_attention(query, slots_k, slots_v, segments, head_dim**-0.5)
@@ -114,19 +118,25 @@ def test_contiguous_cache_decode_and_chunked_prefill_match_reference() -> None:
     torch.testing.assert_close(torch.cat(outs), ref, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("in_place", [True, False])
+@pytest.mark.parametrize("mode", ["one decode", "short decodes", "long decodes"])
 @pytest.mark.parametrize("num_kv_heads,group", [(1, 4), (3, 3)])
-def test_paged_mixed_batch_matches_reference(in_place: bool, num_kv_heads: int, group: int) -> None:
+def test_paged_mixed_batch_matches_reference(mode: str, num_kv_heads: int, group: int) -> None:
     """Decodes (seq_len at and around block boundaries) plus a prefill chunk after earlier chunks and
-    a first chunk, with scattered and consecutive block tables, both decode read modes."""
+    a first chunk, with scattered and consecutive block tables, both decode read modes: in place
+    (one decode, or contexts over MAX_GATHERED_DECODE_LEN) and gathered (several short ones)."""
     rng = random.Random(num_kv_heads)
     torch.manual_seed(num_kv_heads)
     block_size, head_dim = 4, 8
     spec = KVCacheSpec(num_layers=1, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=torch.float32)
-    pool = PagedKVCache.allocate(spec, 48, block_size, device="cpu")
-    free = list(range(1, 48))
-    # (context before this step, tokens this step): decodes at 4, 5, 8 and 1 tokens, then two chunks
-    shapes = [(3, 1), (4, 1), (7, 1), (0, 1), (9, 6), (0, 5)] if not in_place else [(8, 1), (9, 6), (0, 5)]
+    pool = PagedKVCache.allocate(spec, 256, block_size, device="cpu")
+    free = list(range(1, 256))
+    long = MAX_GATHERED_DECODE_LEN
+    # (context before this step, tokens this step): decodes, then a later chunk and a first chunk
+    shapes = {
+        "one decode": [(8, 1), (9, 6), (0, 5)],
+        "short decodes": [(3, 1), (4, 1), (7, 1), (0, 1), (9, 6), (0, 5)],
+        "long decodes": [(long, 1), (3, 1), (long + 3, 1), (9, 6), (0, 5)],
+    }[mode]
     states, contexts = [], []
     for i, (num_computed, num_new) in enumerate(shapes):
         total = num_computed + num_new
@@ -161,7 +171,7 @@ def test_paged_mixed_batch_matches_reference(in_place: bool, num_kv_heads: int, 
         lists.add(state, num_new, block_size)
     num_decodes = sum(1 for _, n in shapes if n == 1)
     decode = _decode_metadata(states[:num_decodes], lists.seq_lens[:num_decodes], block_size, pool)
-    assert ("decode_segments" in decode) == in_place
+    assert ("decode_segments" in decode) == (mode != "short decodes")
     context = PagedAttentionContext(
         kv_cache=pool,
         slot_mapping=torch.tensor(lists.slot_mapping),
