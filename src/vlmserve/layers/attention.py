@@ -124,11 +124,10 @@ def grouped_decode_attention(
     keys: torch.Tensor,
     values: torch.Tensor,
     scale: float,
-    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query token per sequence over keys/values read in place: query [B, num_heads, D],
-    keys/values [B, S, kv_heads, D] (any strides: views of a cache), bias [B, 1, 1, S] added to
-    the scores (0 or -inf) or None -> [B, num_heads, D].
+    keys/values [B, S, kv_heads, D] (any strides: views of a cache; every slot visible)
+    -> [B, num_heads, D].
 
     Grouped-query attention without expanding K/V: the query heads that share a KV head
     (head h reads KV head h // group, as HF's repeat_kv) become the rows of one matmul against
@@ -140,8 +139,6 @@ def grouped_decode_attention(
     num_kv_heads = keys.shape[2]
     grouped = (query * scale).view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
     scores = torch.matmul(grouped, keys.permute(0, 2, 3, 1))  # [B, kv_heads, group, S]
-    if bias is not None:
-        scores = scores + bias
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
     out = torch.matmul(probs, values.transpose(1, 2))  # [B, kv_heads, group, D]
     return out.view(batch, num_heads, head_dim)
@@ -286,9 +283,9 @@ class PagedAttentionContext:
     then each prefill chunk. Built once per step by the runner (runner/input_batch.py).
     The decodes are read one of two ways, chosen by the runner: `decode_segments` (each request's
     context read in place as runs of consecutive slots: no copy, one small attention per request)
-    or `decode_block_table` + `decode_bias` (every request's blocks gathered and padded to the
-    longest: one batched attention for all, which wins only for short contexts: the copy grows
-    with the context, and matmul copies the padded batch again to merge its batch and head dims).
+    or `decode_block_table` + `decode_mask` (every request's blocks gathered and padded to the
+    longest: one batched SDPA for all, which wins only for short contexts: the copy grows with
+    the context).
     Exactly one of the two is set when num_decodes > 0.
     """
 
@@ -298,9 +295,8 @@ class PagedAttentionContext:
     num_decodes: int
     # [num_decodes, max_num_blocks] int64, padded with block 0 (masked out)
     decode_block_table: torch.Tensor | None
-    # [num_decodes, 1, 1, max_num_blocks * block_size] in the pool's dtype, added to the scores:
-    # 0 where slot < seq_len, -inf past it
-    decode_bias: torch.Tensor | None
+    # [num_decodes, 1, 1, max_num_blocks * block_size] bool, True = attend (slot < seq_len)
+    decode_mask: torch.Tensor | None
     prefills: tuple[PrefillSpan, ...]
     # per decode request, its context as ((first_flat_slot, num_slots), ...) in position order
     decode_segments: tuple[tuple[tuple[int, int], ...], ...] | None = None
@@ -333,9 +329,9 @@ def paged_attention(
     """Store the step's key/value in the pool, then attend each request over its own tokens.
 
     query [T, num_heads, head_dim]; key/value [T, num_kv_heads, head_dim] -> [T, num_heads, head_dim].
-    Decodes read their context in place (`decode_segments`) or share one batched attention over
-    their block tables gathered and padded to the longest context (`decode_bias` hides the rest),
-    both without expanding K/V per query head (`grouped_decode_attention`); each prefill chunk is
+    Decodes read their context in place (`decode_segments`, without expanding K/V per query head:
+    `grouped_decode_attention`) or, several short ones, share one SDPA call over their block tables
+    gathered and padded to the longest context (`decode_mask` hides the rest); each prefill chunk is
     one SDPA call, causal with its queries offset by the tokens computed before it.
     """
     store_kv_paged(context.kv_cache, layer_idx, key, value, context.slot_mapping)
@@ -370,13 +366,24 @@ def _decode_attention(
                 for q, segments in zip(query, context.decode_segments, strict=True)
             ]
         )
-    assert context.decode_block_table is not None, "decodes without a block table or segments"
-    batch = query.shape[0]
+    assert context.decode_block_table is not None and context.decode_mask is not None, "no decode metadata"
+    batch, num_heads, head_dim = query.shape
     keys = _gather_blocks(key_cache, context.decode_block_table)  # [B, nb, bs, kv_heads, D]
     values = _gather_blocks(value_cache, context.decode_block_table)
-    keys = keys.view(batch, -1, *keys.shape[-2:])  # [B, S, kv_heads, D]
-    values = values.view(batch, -1, *values.shape[-2:])
-    return grouped_decode_attention(query, keys, values, scale, context.decode_bias)
+    num_kv_heads = keys.shape[-2]
+    keys = keys.view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)  # [B, kv_heads, S, D]
+    values = values.view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    # SDPA, not grouped_decode_attention: on the padded batch SDPA's CPU kernel is 1.5x faster (the
+    # matmul would copy the batch once more to merge its batch and head dimensions)
+    out = F.scaled_dot_product_attention(
+        query.view(batch, num_heads, 1, head_dim),
+        keys,
+        values,
+        attn_mask=context.decode_mask,
+        scale=scale,
+        enable_gqa=num_heads != num_kv_heads,
+    )  # [B, num_heads, 1, D]
+    return out.view(batch, num_heads, head_dim)
 
 
 def _prefill_attention(

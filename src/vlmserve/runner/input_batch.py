@@ -139,27 +139,27 @@ def build_input_batch(
     )
 
 
-# Several decodes whose contexts are all at most this long share one attention over their gathered,
+# Several decodes whose contexts are all at most this long share one SDPA call over their gathered,
 # padded blocks; otherwise each decode reads its own context in place. Per-request attention costs a
 # few small ops per layer that the batch shares; the gather copies every context in every layer.
-# Measured on the 2-core CPU (docs/BENCHMARKS.md, 2026-11-23): at 4 and 8 decodes the batch wins
-# below ~200 tokens of context and loses 3-10x at 1142.
-MAX_GATHERED_DECODE_LEN = 160
+# Measured per layer on the 2-core CPU (docs/BENCHMARKS.md, 2026-11-23), 4 and 8 decodes: the batch
+# is 1.2-2x faster up to ~160 tokens, in place 1.1x at 300, 1.6-1.8x at 600, 1.3-2x at 1142.
+MAX_GATHERED_DECODE_LEN = 256
 
 
 def _decode_metadata(
     states: list[CachedRequestState], seq_lens: list[int], block_size: int, kv_cache: PagedKVCache
 ) -> dict:
     """Either decode_segments (in place) or decode_block_table [B, max_blocks] (padded with block 0)
-    with decode_bias [B, 1, 1, S]; see PagedAttentionContext."""
+    with decode_mask [B, 1, 1, S]; see PagedAttentionContext."""
     if not states:
-        return {"decode_block_table": None, "decode_bias": None}
+        return {"decode_block_table": None, "decode_mask": None}
     if len(states) == 1 or max(seq_lens) > MAX_GATHERED_DECODE_LEN:
         segments = tuple(
             context_segments(s.block_ids, n, block_size) for s, n in zip(states, seq_lens, strict=True)
         )
-        return {"decode_block_table": None, "decode_bias": None, "decode_segments": segments}
-    device, dtype = kv_cache.key_cache[0].device, kv_cache.key_cache[0].dtype
+        return {"decode_block_table": None, "decode_mask": None, "decode_segments": segments}
+    device = kv_cache.key_cache[0].device
     num_blocks = [-(-seq_len // block_size) for seq_len in seq_lens]
     max_blocks = max(num_blocks)
     table = [
@@ -167,13 +167,11 @@ def _decode_metadata(
     ]
     slots = torch.arange(max_blocks * block_size, device=device)
     lens = torch.tensor(seq_lens, dtype=torch.long, device=device)
-    bias = torch.zeros(len(states), max_blocks * block_size, dtype=dtype, device=device)
-    bias.masked_fill_(slots[None, :] >= lens[:, None], float("-inf"))
     return {
         "decode_block_table": torch.tensor(table, dtype=torch.long, device=device).view(
             len(states), max_blocks
         ),
-        "decode_bias": bias.view(len(states), 1, 1, max_blocks * block_size),
+        "decode_mask": (slots[None, :] < lens[:, None]).view(len(states), 1, 1, max_blocks * block_size),
     }
 
 

@@ -54,18 +54,19 @@ def test_grouped_decode_matches_reference_on_strided_views(num_kv_heads: int, gr
     pool_k = torch.randn(100, num_kv_heads, head_dim)  # views at an offset, rows strided by kv*D
     pool_v = torch.randn(100, num_kv_heads, head_dim)
     query = torch.randn(len(seq_lens), num_kv_heads * group, head_dim)
-    padded = max(seq_lens)
-    keys = torch.stack([pool_k[5 : 5 + padded]] * len(seq_lens))  # [B, S, kv, D]
-    values = torch.stack([pool_v[5 : 5 + padded]] * len(seq_lens))
-    bias = torch.zeros(len(seq_lens), 1, 1, padded)
     for i, n in enumerate(seq_lens):
-        bias[i, ..., n:] = float("-inf")
-    out = grouped_decode_attention(query, keys, values, head_dim**-0.5, bias)
-    for i, n in enumerate(seq_lens):
+        out = grouped_decode_attention(
+            query[i : i + 1], pool_k[None, 5 : 5 + n], pool_v[None, 5 : 5 + n], head_dim**-0.5
+        )
         ref = reference_attention(query[i : i + 1], pool_k[5 : 5 + n], pool_v[5 : 5 + n], n - 1)
-        torch.testing.assert_close(out[i], ref[0], atol=ATOL, rtol=0)
-    one = grouped_decode_attention(query[2:], pool_k[None, 5:38], pool_v[None, 5:38], head_dim**-0.5)
-    torch.testing.assert_close(one, out[2:], atol=ATOL, rtol=0)
+        torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+    # a batch of equal contexts at different offsets of the pool
+    keys = torch.stack([pool_k[5:38], pool_k[40:73]])  # [2, 33, kv, D]
+    values = torch.stack([pool_v[5:38], pool_v[40:73]])
+    out = grouped_decode_attention(query[:2], keys, values, head_dim**-0.5)
+    for i in range(2):
+        ref = reference_attention(query[i : i + 1], keys[i], values[i], 32)
+        torch.testing.assert_close(out[i : i + 1], ref, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize(
