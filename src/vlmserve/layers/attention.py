@@ -106,18 +106,83 @@ def cached_attention(
         return paged_attention(query, key, value, kv_cache, layer_idx, scale)
     store_kv(kv_cache, layer_idx, key, value, metadata.positions)
     cached_key, cached_value = gather_kv(kv_cache, layer_idx, metadata.num_slots)  # [S, kv_heads, head_dim]
-    group = query.shape[1] // cached_key.shape[1]
-    if group > 1:
-        cached_key = cached_key.repeat_interleave(group, dim=1)  # [S, num_heads, head_dim]
-        cached_value = cached_value.repeat_interleave(group, dim=1)
+    if query.shape[0] == 1:  # one token: every slot up to its position is visible, no mask
+        return grouped_decode_attention(query, cached_key[None], cached_value[None], scale)
     out = F.scaled_dot_product_attention(
         query.transpose(0, 1),  # [num_heads, T, head_dim]
-        cached_key.transpose(0, 1),  # [num_heads, S, head_dim]
+        cached_key.transpose(0, 1),  # [kv_heads, S, head_dim]
         cached_value.transpose(0, 1),
         attn_mask=metadata.mask,
         scale=scale,
+        enable_gqa=query.shape[1] != cached_key.shape[1],
     )  # [num_heads, T, head_dim]
     return out.transpose(0, 1)
+
+
+def grouped_decode_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence over keys/values read in place: query [B, num_heads, D],
+    keys/values [B, S, kv_heads, D] (any strides: views of a cache; every slot visible)
+    -> [B, num_heads, D].
+
+    Grouped-query attention without expanding K/V: the query heads that share a KV head
+    (head h reads KV head h // group, as HF's repeat_kv) become the rows of one matmul against
+    that head's keys. SDPA's `enable_gqa` on CPU falls back to its math kernel and copies K/V
+    num_heads / kv_heads times per layer and step (docs/BENCHMARKS.md, 2026-11-23).
+    Softmax in float32, as HF's eager attention.
+    """
+    batch, num_heads, head_dim = query.shape
+    num_kv_heads = keys.shape[2]
+    grouped = (query * scale).view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = torch.matmul(grouped, keys.permute(0, 2, 3, 1))  # [B, kv_heads, group, S]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+    out = torch.matmul(probs, values.transpose(1, 2))  # [B, kv_heads, group, D]
+    return out.view(batch, num_heads, head_dim)
+
+
+# Above this many runs a context is copied into one tensor (one copy of the context) rather than
+# attended run by run (two small matmuls a run): per-op overhead beats the copy for fragmented tables.
+MAX_IN_PLACE_SEGMENTS = 8
+
+
+def segmented_decode_attention(
+    query: torch.Tensor,
+    key_slots: torch.Tensor,
+    value_slots: torch.Tensor,
+    segments: tuple[tuple[int, int], ...],
+    scale: float,
+) -> torch.Tensor:
+    """One query token over a context stored as runs of consecutive slots, read in place:
+    query [num_heads, D]; key_slots/value_slots [num_slots, kv_heads, D] (a layer's flat pool);
+    segments ((first_slot, num_slots), ...) in position order -> [num_heads, D].
+
+    The scores of all runs are concatenated before one softmax (they are small: [kv_heads, group,
+    S]), so the result is the same as over one gathered context. A context in more than
+    MAX_IN_PLACE_SEGMENTS runs is gathered into one tensor first.
+    """
+    if len(segments) > MAX_IN_PLACE_SEGMENTS:
+        keys = torch.cat([key_slots[s : s + n] for s, n in segments])  # [S, kv_heads, D]
+        values = torch.cat([value_slots[s : s + n] for s, n in segments])
+        return grouped_decode_attention(query[None], keys[None], values[None], scale)[0]
+    num_heads, head_dim = query.shape
+    num_kv_heads = key_slots.shape[1]
+    grouped = (query * scale).view(num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = [torch.matmul(grouped, key_slots[s : s + n].permute(1, 2, 0)) for s, n in segments]
+    all_scores = scores[0] if len(scores) == 1 else torch.cat(scores, dim=-1)  # [kv_heads, group, S]
+    probs = torch.softmax(all_scores, dim=-1, dtype=torch.float32).to(value_slots.dtype)
+    out, offset = None, 0
+    for start, length in segments:  # [kv_heads, group, D] per run, summed
+        part = torch.matmul(
+            probs[..., offset : offset + length], value_slots[start : start + length].transpose(0, 1)
+        )
+        out = part if out is None else out + part
+        offset += length
+    assert out is not None, "a decode reads at least its own slot"
+    return out.view(num_heads, head_dim)
 
 
 # --- paged KV cache: many requests in one flat batch -------------------------------------------
@@ -216,6 +281,12 @@ class PagedAttentionContext:
 
     The flat batch puts the decodes (one query token per request) first, tokens [0, num_decodes),
     then each prefill chunk. Built once per step by the runner (runner/input_batch.py).
+    The decodes are read one of two ways, chosen by the runner: `decode_segments` (each request's
+    context read in place as runs of consecutive slots: no copy, one small attention per request)
+    or `decode_block_table` + `decode_mask` (every request's blocks gathered and padded to the
+    longest: one batched SDPA for all, which wins only for short contexts: the copy grows with
+    the context).
+    Exactly one of the two is set when num_decodes > 0.
     """
 
     kv_cache: PagedKVCache
@@ -223,10 +294,12 @@ class PagedAttentionContext:
     slot_mapping: torch.Tensor
     num_decodes: int
     # [num_decodes, max_num_blocks] int64, padded with block 0 (masked out)
-    decode_block_table: torch.Tensor
+    decode_block_table: torch.Tensor | None
     # [num_decodes, 1, 1, max_num_blocks * block_size] bool, True = attend (slot < seq_len)
-    decode_mask: torch.Tensor
+    decode_mask: torch.Tensor | None
     prefills: tuple[PrefillSpan, ...]
+    # per decode request, its context as ((first_flat_slot, num_slots), ...) in position order
+    decode_segments: tuple[tuple[tuple[int, int], ...], ...] | None = None
 
 
 def store_kv_paged(
@@ -256,9 +329,10 @@ def paged_attention(
     """Store the step's key/value in the pool, then attend each request over its own tokens.
 
     query [T, num_heads, head_dim]; key/value [T, num_kv_heads, head_dim] -> [T, num_heads, head_dim].
-    All decodes share one SDPA call over their block tables gathered and padded to the longest
-    context (a key padding mask hides the rest); each prefill chunk is one SDPA call, causal with
-    its queries offset by the tokens computed before it.
+    Decodes read their context in place (`decode_segments`, without expanding K/V per query head:
+    `grouped_decode_attention`) or, several short ones, share one SDPA call over their block tables
+    gathered and padded to the longest context (`decode_mask` hides the rest); each prefill chunk is
+    one SDPA call, causal with its queries offset by the tokens computed before it.
     """
     store_kv_paged(context.kv_cache, layer_idx, key, value, context.slot_mapping)
     out = torch.empty_like(query)
@@ -276,13 +350,31 @@ def _decode_attention(
     query: torch.Tensor, context: PagedAttentionContext, layer_idx: int, scale: float
 ) -> torch.Tensor:
     """query [B, num_heads, D], one token per request -> [B, num_heads, D]."""
-    batch, num_heads, head_dim = query.shape
     pool = context.kv_cache
-    keys = _gather_blocks(pool.key_cache[layer_idx], context.decode_block_table)  # [B, nb, bs, kv, D]
-    values = _gather_blocks(pool.value_cache[layer_idx], context.decode_block_table)
+    key_cache, value_cache = pool.key_cache[layer_idx], pool.value_cache[layer_idx]
+    if context.decode_segments is not None:
+        key_slots = key_cache.view(-1, *key_cache.shape[2:])  # [num_blocks * block_size, kv_heads, D]
+        value_slots = value_cache.view(-1, *value_cache.shape[2:])
+        if len(context.decode_segments) == 1:
+            out = segmented_decode_attention(
+                query[0], key_slots, value_slots, context.decode_segments[0], scale
+            )
+            return out[None]
+        return torch.stack(
+            [
+                segmented_decode_attention(q, key_slots, value_slots, segments, scale)
+                for q, segments in zip(query, context.decode_segments, strict=True)
+            ]
+        )
+    assert context.decode_block_table is not None and context.decode_mask is not None, "no decode metadata"
+    batch, num_heads, head_dim = query.shape
+    keys = _gather_blocks(key_cache, context.decode_block_table)  # [B, nb, bs, kv_heads, D]
+    values = _gather_blocks(value_cache, context.decode_block_table)
     num_kv_heads = keys.shape[-2]
     keys = keys.view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)  # [B, kv_heads, S, D]
     values = values.view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    # SDPA, not grouped_decode_attention: on the padded batch SDPA's CPU kernel is 1.5x faster (the
+    # matmul would copy the batch once more to merge its batch and head dimensions)
     out = F.scaled_dot_product_attention(
         query.view(batch, num_heads, 1, head_dim),
         keys,
