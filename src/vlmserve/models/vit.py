@@ -73,11 +73,11 @@ class ViTMLP(nn.Module):
 
 
 def _use_fused_linear_gelu(hidden_states: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The oneDNN fused linear + GELU applies: CPU, float32 or bfloat16, no autograd needed."""
+    """The oneDNN fused linear + GELU applies: CPU, float32 (oneDNN's bf16 kernels need AVX-512
+    or AMX, and bf16 is the slower choice on the CPUs without them anyway), no autograd needed."""
     return (
         hidden_states.device.type == "cpu"
-        and hidden_states.dtype in (torch.float32, torch.bfloat16)
-        and hidden_states.dtype == weight.dtype
+        and hidden_states.dtype == weight.dtype == torch.float32
         and torch.backends.mkldnn.is_available()
         and not (torch.is_grad_enabled() and (weight.requires_grad or hidden_states.requires_grad))
     )
