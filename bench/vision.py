@@ -8,7 +8,8 @@
    2 x tokens x (4 h^2 + 2 h i) for the qkv/out/MLP linears, plus 4 x tokens^2 x h for QK^T and AV;
    the patch embedding (2 x tokens x 3 p^2 h) and the connector (pixel shuffle + linear) on top.
 3. Our vision tower (vlmserve's own model code, loaded with vlmserve's loader) timed on W1's 17
-   sub-images, one sub-image per call as the runner does it, and all 17 in one batch.
+   sub-images, one sub-image per call, and all 17 in one batch (what the runner does without an
+   encoder budget; with one it runs --max-encoder-tiles-per-step sub-images per call).
 Writes a JSON (--out). Nothing is served; no network.
 """
 

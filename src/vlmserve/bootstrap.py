@@ -229,6 +229,7 @@ def build_engine(
         or max(DEFAULT_MAX_NUM_BATCHED_TOKENS, max_image_tokens, config.max_num_seqs),
         max_num_seqs=config.max_num_seqs,
         max_waiting=config.max_queue,
+        max_encoder_tiles_per_step=config.max_encoder_tiles_per_step,
     )
     kv_cache = PagedKVCache.allocate(spec, num_blocks, config.block_size, device=device)
     runner = ModelRunner(

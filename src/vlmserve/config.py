@@ -87,6 +87,13 @@ class ServerConfig:
         "of --max-tiles tiles needs more.",
         env=("VLMSERVE_MAX_NUM_BATCHED_TOKENS",),
     )
+    max_encoder_tiles_per_step: int = setting(
+        2,
+        "Most image tiles the vision encoder runs in one engine step: a large image is encoded over "
+        "several steps, with other requests' decodes in between; 0: no limit (an image is encoded whole "
+        "in the step that prefills it).",
+        env=("VLMSERVE_MAX_ENCODER_TILES_PER_STEP",),
+    )
     max_num_seqs: int = setting(64, "Most requests running at once.", env=("VLMSERVE_MAX_NUM_SEQS",))
     max_queue: int = setting(
         256, "Most requests waiting to start; beyond it requests get 503.", env=("VLMSERVE_MAX_QUEUE",)
@@ -250,6 +257,7 @@ class ServerConfig:
                 f"max_num_seqs ({self.max_num_seqs}): every running request's decode must fit in a step"
             )
         _check_range("max_num_batched_tokens", self.max_num_batched_tokens, 0, 1 << 24)
+        _check_range("max_encoder_tiles_per_step", self.max_encoder_tiles_per_step, 0, 1 << 16)
         if self.max_model_len is not None:
             _check_range("max_model_len", self.max_model_len, 16, 1 << 24)
         if not self.image_fetch_timeout > 0:

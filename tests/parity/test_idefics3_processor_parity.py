@@ -63,10 +63,14 @@ def compare(processors, images: list[Image.Image], items: list) -> list:
     pixels = torch.cat([image.pixel_values for image in image_inputs])
     assert pixels.shape == expected_pixels.shape
     assert (pixels - expected_pixels).abs().max().item() <= 1e-6
-    for image in image_inputs:  # each ImageInput covers exactly one run of <image> tokens
-        assert ids[image.offset : image.offset + image.length] == [ours.image_token_id] * image.length
+    for image in image_inputs:  # each ImageInput's embed runs cover exactly its runs of <image> tokens
         assert ids[image.offset - 1] != ours.image_token_id
-    assert sum(image.length for image in image_inputs) == ids.count(ours.image_token_id)
+        assert ids[image.offset + image.length] != ours.image_token_id
+        runs = image.embed_runs or ((0, image.length),)
+        embedded = {image.offset + start + i for start, count in runs for i in range(count)}
+        span = range(image.offset, image.offset + image.length)
+        assert {p for p in span if ids[p] == ours.image_token_id} == embedded
+    assert sum(image.num_embeds for image in image_inputs) == ids.count(ours.image_token_id)
     return image_inputs
 
 
@@ -77,8 +81,8 @@ def compare(processors, images: list[Image.Image], items: list) -> list:
 )
 def test_single_image_matches_transformers(processors, width: int, height: int, num_tiles: int) -> None:
     image = gradient_image(width, height, seed=width + height)
-    image_inputs = compare(processors, [image], [image, "What is in this image?"])
-    assert len(image_inputs) == num_tiles
+    (image_input,) = compare(processors, [image], [image, "What is in this image?"])
+    assert image_input.num_tiles == len(image_input.pixel_values) == num_tiles
 
 
 def test_two_images_and_text_match_transformers(processors) -> None:

@@ -147,7 +147,11 @@ class EngineCore:
         try:
             return self.runner.execute(scheduler_output)
         except Exception as exc:  # a bug hit by this step's requests: fail them, keep serving the rest
-            request_ids = list(scheduler_output.num_scheduled_tokens)
+            request_ids = list(
+                dict.fromkeys(
+                    [*scheduler_output.num_scheduled_tokens, *scheduler_output.scheduled_encoder_slices]
+                )
+            )
             logger.exception("model execution failed for requests %s", ", ".join(request_ids))
             error = f"model execution failed: {exc!r}"
             self._emit(

@@ -45,12 +45,30 @@ class RunningRequestData:
 
 
 @dataclass(frozen=True, slots=True)
+class EncoderSlice:
+    """Tiles [tile_start, tile_end) of one image of a request, to run through the vision encoder.
+
+    With an encoder budget per step (SchedulerConfig.max_encoder_tiles_per_step) a large image is
+    encoded over several steps, a slice per step, while other requests' decodes go on; the runner
+    keeps the features until the step whose chunk covers the image's span takes them. The image is
+    carried here because its request may not be scheduled (nor known to the runner) yet.
+    """
+
+    # index into the request's images (sorted by offset)
+    image_index: int
+    image: ImageInput
+    tile_start: int
+    tile_end: int
+
+
+@dataclass(frozen=True, slots=True)
 class SchedulerOutput:
     """What one step computes: for each scheduled request, which tokens, into which blocks.
 
     A request gets a sampled token iff num_computed_tokens + num_scheduled_tokens reaches its
     total token count (prompt + output so far); a partial prefill chunk samples nothing.
-    Each chunk holds every image it touches whole (no placeholder span is split across steps).
+    Each chunk holds every image it touches whole (no placeholder span is split across steps);
+    an image's encoding may be spread over earlier steps (scheduled_encoder_slices).
     """
 
     scheduled_new_requests: list[NewRequestData]
@@ -66,6 +84,10 @@ class SchedulerOutput:
     preempted_request_ids: list[str]
     # requests finished or aborted since the previous step: drop their state
     finished_request_ids: set[str]
+    # request_id -> slices of its images to encode in this step, before the forward (only with an
+    # encoder budget); the request may have no tokens in this step. An image in
+    # scheduled_encoder_inputs has had all its tiles in slices by then (in this step or earlier).
+    scheduled_encoder_slices: dict[str, list[EncoderSlice]] = field(default_factory=dict)
 
     @classmethod
     def make_empty(cls) -> SchedulerOutput:
@@ -95,6 +117,9 @@ class ModelRunnerOutput:
     # does not allow, a grammar too complex to go on): request_id -> why; they end with an error
     guides_finished: set[str] = field(default_factory=set)
     guide_errors: dict[str, str] = field(default_factory=dict)
+    # request_id -> indices of its images the runner now holds whole (an encoder-cache hit on a
+    # slice, or the last slice encoded): the scheduler skips the rest of their slices
+    encoded_images: dict[str, list[int]] = field(default_factory=dict)
 
     @classmethod
     def make_empty(cls) -> ModelRunnerOutput:

@@ -64,6 +64,9 @@ class Request:
     num_cached_tokens: int = -1
     # times this request was preempted (its KV freed and recomputed later)
     num_preemptions: int = 0
+    # image index -> tiles scheduled for the vision encoder so far (with an encoder budget); reset
+    # by preemption (the runner drops the features it held)
+    num_encoded_tiles: dict[int, int] = field(default_factory=dict)
 
     @classmethod
     def from_engine_request(cls, engine_request: EngineRequest, *, max_model_len: int) -> Request:

@@ -12,7 +12,13 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from vlmserve.engine.kv_cache import KVCacheBlock, KVCacheManager
-from vlmserve.engine.outputs import ModelRunnerOutput, NewRequestData, RunningRequestData, SchedulerOutput
+from vlmserve.engine.outputs import (
+    EncoderSlice,
+    ModelRunnerOutput,
+    NewRequestData,
+    RunningRequestData,
+    SchedulerOutput,
+)
 from vlmserve.engine.request import Request, RequestStatus
 from vlmserve.errors import ContextLengthExceededError, ServerBusyError
 from vlmserve.metrics.stats import SchedulerStats
@@ -31,10 +37,14 @@ class SchedulerConfig:
     max_waiting: int = 256
     # the Retry-After (seconds) a client is told when the waiting queue is full
     retry_after_s: int = 1
+    # the encoder budget: most image tiles the vision encoder runs in one step, so that a large
+    # image is encoded over several steps between other requests' decodes; 0: no budget (an image
+    # is encoded whole in the step whose chunk covers it)
+    max_encoder_tiles_per_step: int = 0
 
     def __post_init__(self) -> None:
-        if self.max_num_seqs < 1 or self.max_waiting < 0:
-            raise ValueError("max_num_seqs must be >= 1 and max_waiting >= 0")
+        if self.max_num_seqs < 1 or self.max_waiting < 0 or self.max_encoder_tiles_per_step < 0:
+            raise ValueError("max_num_seqs must be >= 1, max_waiting and max_encoder_tiles_per_step >= 0")
         # every running request's decode must fit in one step's budget
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(
@@ -48,11 +58,14 @@ class _StepPlan:
     """What schedule() has decided so far in this step."""
 
     token_budget: int
+    # tiles the vision encoder may still run in this step (only read with an encoder budget)
+    encoder_budget: int = 0
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
     new_requests: list[Request] = field(default_factory=list)
     running_requests: list[Request] = field(default_factory=list)
     new_block_ids: dict[str, list[int]] = field(default_factory=dict)
     encoder_inputs: dict[str, list[int]] = field(default_factory=dict)
+    encoder_slices: dict[str, list[EncoderSlice]] = field(default_factory=dict)
     preempted_request_ids: list[str] = field(default_factory=list)
     # a chunk of more than one token is scheduled (only the first such chunk may exceed the budget)
     has_prefill: bool = False
@@ -81,6 +94,7 @@ class _StepPlan:
         self.token_budget += self.num_scheduled_tokens.pop(request.request_id, 0)
         self.new_block_ids.pop(request.request_id, None)
         self.encoder_inputs.pop(request.request_id, None)
+        self.encoder_slices.pop(request.request_id, None)
         if request in self.running_requests:
             self.running_requests.remove(request)
 
@@ -161,7 +175,10 @@ class Scheduler:
         A running request that cannot get a block preempts the latest-arrived running request
         (possibly itself); no waiting request is admitted in a step that preempted.
         """
-        plan = _StepPlan(token_budget=self.config.max_num_batched_tokens)
+        plan = _StepPlan(
+            token_budget=self.config.max_num_batched_tokens,
+            encoder_budget=self.config.max_encoder_tiles_per_step,
+        )
         self._schedule_running(plan)
         if not plan.preempted_request_ids:
             self._schedule_waiting(plan)
@@ -177,6 +194,7 @@ class Scheduler:
         """Registers the step's computed blocks in the prefix cache, appends the sampled token of
         every request whose scheduled tokens reached its end, ends the requests that stop, and
         returns one EngineOutput delta per sampled token."""
+        self._update_encoded(runner_output)
         outputs: list[EngineOutput] = []
         for request_id in scheduler_output.num_scheduled_tokens:
             request = self.requests.get(request_id)
@@ -236,6 +254,7 @@ class Scheduler:
         plan.preempted_request_ids.append(request.request_id)
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
+        request.num_encoded_tiles.clear()
         request.num_preemptions += 1
         self._num_preemptions += 1
         # preempted requests arrived before everything still waiting: they go first
@@ -292,7 +311,39 @@ class Scheduler:
                 else:
                     end = start
                 break
+        if self.config.max_encoder_tiles_per_step:
+            end = self._schedule_encoder(request, start, end, plan)
         return end - start
+
+    def _schedule_encoder(self, request: Request, start: int, end: int, plan: _StepPlan) -> int:
+        """With an encoder budget: schedules the next tiles of the chunk [start, end)'s images that are
+        not encoded yet, within the step's encoder budget, and cuts the chunk back to the start of
+        the first image still incomplete after this step (its tokens wait until all its tiles are
+        encoded; the tokens before it go ahead)."""
+        for index, image in enumerate(request.images):
+            if image.offset >= end:
+                break
+            if image.offset + image.length <= start:
+                continue
+            done = request.num_encoded_tiles.get(index, 0)
+            if done < image.num_tiles and plan.encoder_budget > 0:
+                tiles = min(plan.encoder_budget, image.num_tiles - done)
+                plan.encoder_budget -= tiles
+                plan.encoder_slices.setdefault(request.request_id, []).append(
+                    EncoderSlice(index, image, done, done + tiles)
+                )
+                done = request.num_encoded_tiles[index] = done + tiles
+            if done < image.num_tiles:
+                return image.offset
+        return end
+
+    def _update_encoded(self, runner_output: ModelRunnerOutput) -> None:
+        """Images the runner holds whole (an encoder-cache hit): no more slices for them."""
+        for request_id, indices in runner_output.encoded_images.items():
+            request = self.requests.get(request_id)
+            if request is not None:
+                for index in indices:
+                    request.num_encoded_tiles[index] = request.images[index].num_tiles
 
     def _make_output(self, plan: _StepPlan) -> SchedulerOutput:
         new_requests = [
@@ -323,6 +374,7 @@ class Scheduler:
             scheduled_encoder_inputs=dict(plan.encoder_inputs),
             preempted_request_ids=list(plan.preempted_request_ids),
             finished_request_ids=set(self.finished_request_ids),
+            scheduled_encoder_slices={rid: list(slices) for rid, slices in plan.encoder_slices.items()},
         )
 
     # --- results -------------------------------------------------------------------------------

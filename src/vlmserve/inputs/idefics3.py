@@ -235,12 +235,12 @@ class Idefics3Processor:
     ) -> tuple[list[int], list[ImageInput]]:
         """Token ids of `prompt_text`, whose i-th `sentinel` stands for images[i], and the image inputs.
 
-        Each sub-image becomes its own ImageInput (pixel_values [1, 3, T, T], content hash suffixed
-        with "#index"), because its `<image>` run is separated from the next by
-        `<fake_token_around_image><row_R_col_C>` and the runner writes features over one contiguous
-        span per ImageInput. Segments between sentinels are tokenized on their own (no special
-        tokens added); the expansion starts and ends with special tokens, so this equals
-        tokenizing the expanded text in one piece, as transformers does.
+        Each image is one ImageInput (all its sub-images, so the vision tower runs once on them as a
+        batch) whose span runs from its first `<image>` to its last; `embed_runs` marks the
+        sub-images' `<image>` runs inside it, so the `<fake_token_around_image><row_R_col_C>` tags
+        between them keep their token embeddings. Segments between sentinels are tokenized on their
+        own (no special tokens added); the expansion starts and ends with special tokens, so this
+        equals tokenizing the expanded text in one piece, as transformers does.
         """
         segments = prompt_text.split(sentinel)
         if len(segments) != len(images) + 1:
@@ -257,11 +257,14 @@ class Idefics3Processor:
             ids, starts = self._expansion_ids(image.rows, image.cols)
             base = len(prompt_token_ids)
             prompt_token_ids.extend(ids)
-            for index, start in enumerate(starts):
-                pixels = image.pixel_values[index : index + 1]
-                digest = f"{image.content_hash}#{index}"
-                image_inputs.append(ImageInput(pixels, 1, digest, base + start, self.tokens_per_tile))
-        if prompt_token_ids.count(self.image_token_id) != len(image_inputs) * self.tokens_per_tile:
+            first, length = starts[0], starts[-1] + self.tokens_per_tile - starts[0]
+            runs = tuple((start - first, self.tokens_per_tile) for start in starts) if len(starts) > 1 else ()
+            image_inputs.append(
+                ImageInput(
+                    image.pixel_values, image.num_tiles, image.content_hash, base + first, length, runs
+                )
+            )
+        if prompt_token_ids.count(self.image_token_id) != sum(image.num_embeds for image in image_inputs):
             raise InvalidRequestError(
                 f"message text must not contain the image token {IMAGE_TOKEN!r}; "
                 "send images as image_url parts or <img src> tags",

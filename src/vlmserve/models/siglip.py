@@ -57,7 +57,9 @@ class SiglipVisionEmbeddings(nn.Module):
         """[B, 3, H, W] -> [B, (H / p) * (W / p), hidden], row-major over the patch grid."""
         patches = self.patch_embedding(pixel_values)  # [B, hidden, H / p, W / p]
         rows, cols = patches.shape[-2:]
-        embeddings = patches.flatten(2).transpose(1, 2)
+        # contiguous: else the sum below keeps the conv's [B, hidden, L] memory order, and every
+        # LayerNorm of the residual stream copies it back (25 copies per tower call)
+        embeddings = patches.flatten(2).transpose(1, 2).contiguous()
         ids = position_ids(rows, cols, self.num_patches_per_side, pixel_values.device)
         return embeddings + self.position_embedding(ids)
 

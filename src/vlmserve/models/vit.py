@@ -61,7 +61,26 @@ class ViTMLP(nn.Module):
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(hidden_states), approximate=self.approximate))
+        if _use_fused_linear_gelu(hidden_states, self.fc1.weight):
+            # oneDNN's linear with the bias and GELU in its epilogue: on CPU a separate GELU over the
+            # [tokens, intermediate] activations cost about as much as the fc1 matmul itself
+            hidden = torch.ops.mkldnn._linear_pointwise(
+                hidden_states, self.fc1.weight, self.fc1.bias, "gelu", [], self.approximate
+            )
+        else:
+            hidden = F.gelu(self.fc1(hidden_states), approximate=self.approximate)
+        return self.fc2(hidden)
+
+
+def _use_fused_linear_gelu(hidden_states: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The oneDNN fused linear + GELU applies: CPU, float32 (oneDNN's bf16 kernels need AVX-512
+    or AMX, and bf16 is the slower choice on the CPUs without them anyway), no autograd needed."""
+    return (
+        hidden_states.device.type == "cpu"
+        and hidden_states.dtype == weight.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and not (torch.is_grad_enabled() and (weight.requires_grad or hidden_states.requires_grad))
+    )
 
 
 class ViTBlock(nn.Module):

@@ -86,8 +86,19 @@ class ImageInput:
     content_hash: str
     # index in prompt_token_ids of the first image-context token of this image
     offset: int
-    # number of image-context tokens (= num_tiles * tokens_per_tile); features replace exactly these
+    # the placeholder span [offset, offset + length): the scheduler keeps it in one prefill chunk and
+    # the prefix cache keys its blocks with content_hash; = num_embeds unless embed_runs says otherwise
     length: int
+    # (start relative to offset, count) of each run of positions in the span that take features, in
+    # order, when the span also holds layout tokens between the runs (Idefics3's
+    # `<fake_token_around_image><row_R_col_C>` tags, which keep their own embeddings); empty: every
+    # position of the span takes a feature (vLLM's PlaceholderRange.is_embed, as runs)
+    embed_runs: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def num_embeds(self) -> int:
+        """Number of image-context tokens (= num_tiles * tokens_per_tile): the encoder's feature rows."""
+        return sum(count for _, count in self.embed_runs) if self.embed_runs else self.length
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,12 +12,14 @@ SchedulerOutput contract (engine/outputs.py) and checks it where cheap.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from dataclasses import dataclass, field
 
 import torch
 
-from vlmserve.engine.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutput
+from vlmserve.engine.outputs import EncoderSlice, ModelRunnerOutput, NewRequestData, SchedulerOutput
 from vlmserve.errors import InvalidRequestError
 from vlmserve.layers.attention import PagedKVCache
 from vlmserve.metrics.stats import EncoderStats
@@ -34,6 +36,28 @@ from vlmserve.runner.structured_output import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _HeldImage:
+    """Features of one request image encoded slice by slice, until its prefill chunk takes them."""
+
+    # features [tiles * tokens_per_tile, hidden] of each slice so far, in tile order
+    parts: list[torch.Tensor] = field(default_factory=list)
+    num_tiles: int = 0
+    # the whole image's features once every tile is encoded (or the encoder cache had them)
+    features: torch.Tensor | None = None
+
+
+@dataclass(slots=True)
+class _EncoderWork:
+    """The vision encoder's work in the step under way, for its EncoderStats."""
+
+    num_cache_hits: int = 0
+    num_cache_misses: int = 0
+    seconds: float = 0.0
+    # request_id -> indices of images completed in this step (reported to the scheduler)
+    completed: dict[str, list[int]] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -60,6 +84,10 @@ class ModelRunner:
         self.encoder_cache = EncoderCache(encoder_cache_bytes)
         # the vision encoder's work in the step under way (None: no image in it)
         self.step_encoder_stats: EncoderStats | None = None
+        self._encoder_work = _EncoderWork()
+        # request_id -> image index -> features being encoded slice by slice, or encoded and not yet
+        # taken by the image's prefill chunk (encoder budget); dropped with the request's state
+        self.held_images: dict[str, dict[int, _HeldImage]] = {}
         self.requests: dict[str, CachedRequestState] = {}
         # outlive preemption (unlike `requests`), so a seeded request resumes its random stream
         # where it stopped instead of replaying it; dropped when the request finishes
@@ -74,20 +102,27 @@ class ModelRunner:
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """One step: the sampled token (and logprob) of every request whose chunk reached its end."""
         batch, logits = self.compute_logits(scheduler_output)
+        encoded = {rid: list(indices) for rid, indices in self._encoder_work.completed.items()}
         if batch is None:
-            return ModelRunnerOutput.make_empty()
-        return self.sample(batch, logits)
+            return ModelRunnerOutput(encoder_stats=self.step_encoder_stats, encoded_images=encoded)
+        output = self.sample(batch, logits)
+        return dataclasses.replace(output, encoded_images=encoded) if encoded else output
 
     @torch.inference_mode()
     def compute_logits(self, scheduler_output: SchedulerOutput) -> tuple[InputBatch | None, torch.Tensor]:
         """Updates the states and runs the model: the batch and logits [N, vocab] float32 of its
         sampled rows (batch None when nothing is scheduled)."""
         self._update_states(scheduler_output)
-        self.step_encoder_stats = None
+        self._encoder_work = _EncoderWork()
+        for request_id, slices in scheduler_output.scheduled_encoder_slices.items():
+            for encoder_slice in slices:
+                self._encode_slice(request_id, encoder_slice)
         if scheduler_output.total_num_scheduled_tokens == 0:
+            self.step_encoder_stats = self._make_encoder_stats()
             return None, torch.empty(0)
         batch = build_input_batch(scheduler_output, self.requests, self.kv_cache, self.device)
         embeds = self._embed(batch, scheduler_output)
+        self.step_encoder_stats = self._make_encoder_stats()
         hidden = self.model(embeds, batch.positions, batch.attention)  # [T, hidden]
         for request_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
             self.requests[request_id].num_computed_tokens += num_tokens
@@ -100,8 +135,10 @@ class ModelRunner:
             self.generators.pop(request_id, None)
             self.guides.pop(request_id, None)
             self._guide_errors.pop(request_id, None)
+            self.held_images.pop(request_id, None)
         for request_id in scheduler_output.preempted_request_ids:
             self.requests.pop(request_id, None)
+            self.held_images.pop(request_id, None)
         for new in scheduler_output.scheduled_new_requests:
             self.requests[new.request_id] = self._new_state(new)
             # blocks past the prefix-cache hit are fresh: clear them before they are written
@@ -129,13 +166,8 @@ class ModelRunner:
 
     # --- inputs ----------------------------------------------------------------------------------
     def _embed(self, batch: InputBatch, scheduler_output: SchedulerOutput) -> torch.Tensor:
-        """Token embeddings [T, hidden], with the features of this step's images over their tokens
-        (sets step_encoder_stats when there are images)."""
+        """Token embeddings [T, hidden], with the features of this step's images over their tokens."""
         embeds = self.model.embed_tokens(batch.input_ids)
-        if not scheduler_output.scheduled_encoder_inputs:
-            return embeds
-        encoder_seconds: list[float] = []  # one entry per image encoded; cache hits add none
-        num_images = 0
         for request_id, image_indices in scheduler_output.scheduled_encoder_inputs.items():
             state = self.requests[request_id]
             chunk_start = batch.query_start(request_id)
@@ -146,33 +178,28 @@ class ModelRunner:
                     state.num_computed_tokens + scheduler_output.num_scheduled_tokens[request_id]
                 ):
                     raise RuntimeError(f"request {request_id}: image {index} is split across chunks")
-                features = self._image_features(image, encoder_seconds)
-                num_images += 1
-                if features.shape[0] != image.length:
+                features = self._take_features(request_id, index, image)
+                if features.shape[0] != image.num_embeds:
                     raise RuntimeError(
-                        f"request {request_id}: image {index} has {image.length} placeholder tokens "
+                        f"request {request_id}: image {index} has {image.num_embeds} image tokens "
                         f"but the vision encoder gave {features.shape[0]} features"
                     )
-                embeds[row : row + image.length] = features.to(embeds.dtype)
-        self.step_encoder_stats = EncoderStats(
-            num_cache_hits=num_images - len(encoder_seconds),
-            num_cache_misses=len(encoder_seconds),
-            encoder_seconds=sum(encoder_seconds),
-            cache_bytes=self.encoder_cache.num_bytes,
-        )
+                _write_features(embeds, row, image, features.to(embeds.dtype))
         return embeds
 
-    def _image_features(self, image: ImageInput, encoder_seconds: list[float]) -> torch.Tensor:
-        """One image's features [length, hidden]: from the encoder cache, else from the vision encoder
-        (then cached; its time appended to encoder_seconds, on CUDA waiting for the kernels)."""
+    def _take_features(self, request_id: str, index: int, image: ImageInput) -> torch.Tensor:
+        """One image's features [num_embeds, hidden] for its prefill chunk: those encoded slice by
+        slice in earlier steps, else the encoder cache's, else the vision encoder's on all its tiles
+        at once (then cached)."""
+        held = self.held_images.get(request_id, {}).pop(index, None)
+        if held is not None and held.features is not None:
+            return held.features
         features = self.encoder_cache.get(image.content_hash)
         if features is not None:
+            self._encoder_work.num_cache_hits += 1
             return features
-        started = time.perf_counter()
-        features = self.model.embed_images(image.pixel_values.to(device=self.device, dtype=self.dtype))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        encoder_seconds.append(time.perf_counter() - started)
+        features = self._run_encoder(image.pixel_values)
+        self._encoder_work.num_cache_misses += 1
         self.encoder_cache.put(image.content_hash, features)
         return features
 
@@ -188,6 +215,58 @@ class ModelRunner:
             self.guides[new.request_id] = compile_guide(spec, self.tokenizer_info).new_state()
         except InvalidRequestError as e:
             self._guide_errors[new.request_id] = e.message
+
+    def _encode_slice(self, request_id: str, encoder_slice: EncoderSlice) -> None:
+        """Runs the vision encoder on one slice of an image's tiles and holds the features; on the
+        last slice (or an encoder-cache hit on the first) the image is complete."""
+        index, image = encoder_slice.image_index, encoder_slice.image
+        held_images = self.held_images.setdefault(request_id, {})
+        held = held_images.get(index)
+        if held is None or encoder_slice.tile_start == 0:
+            held = held_images[index] = _HeldImage()
+        if held.features is not None:
+            return
+        if held.num_tiles != encoder_slice.tile_start:
+            raise RuntimeError(
+                f"request {request_id}: image {index} slice starts at tile {encoder_slice.tile_start}, "
+                f"but {held.num_tiles} tiles are encoded"
+            )
+        cached = self.encoder_cache.get(image.content_hash) if held.num_tiles == 0 else None
+        if cached is not None:
+            held.features = cached
+            self._encoder_work.num_cache_hits += 1
+        else:
+            pixels = image.pixel_values[encoder_slice.tile_start : encoder_slice.tile_end]
+            held.parts.append(self._run_encoder(pixels))
+            held.num_tiles = encoder_slice.tile_end
+            if held.num_tiles < image.num_tiles:
+                return
+            held.features = held.parts[0] if len(held.parts) == 1 else torch.cat(held.parts)
+            held.parts = []
+            self._encoder_work.num_cache_misses += 1
+            self.encoder_cache.put(image.content_hash, held.features)
+        self._encoder_work.completed.setdefault(request_id, []).append(index)
+
+    def _run_encoder(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The vision encoder on tiles [n, 3, S, S] -> features [n * tokens_per_tile, hidden]; its time
+        goes to the step's encoder work (on CUDA waiting for the kernels)."""
+        started = time.perf_counter()
+        features = self.model.embed_images(pixel_values.to(device=self.device, dtype=self.dtype))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._encoder_work.seconds += time.perf_counter() - started
+        return features
+
+    def _make_encoder_stats(self) -> EncoderStats | None:
+        work = self._encoder_work
+        if not (work.num_cache_hits or work.num_cache_misses or work.seconds):
+            return None
+        return EncoderStats(
+            num_cache_hits=work.num_cache_hits,
+            num_cache_misses=work.num_cache_misses,
+            encoder_seconds=work.seconds,
+            cache_bytes=self.encoder_cache.num_bytes,
+        )
 
     # --- outputs ---------------------------------------------------------------------------------
     def sample(self, batch: InputBatch, logits: torch.Tensor) -> ModelRunnerOutput:
@@ -244,3 +323,15 @@ class ModelRunner:
         ids = torch.zeros(2, dtype=torch.long, device=self.device)
         hidden = self.model(self.model.embed_tokens(ids), torch.arange(2, device=self.device), cache)
         self.model.compute_logits(hidden[-1:])
+
+
+def _write_features(embeds: torch.Tensor, row: int, image: ImageInput, features: torch.Tensor) -> None:
+    """Writes features [num_embeds, hidden] over the image's embedding positions, its span starting at
+    batch row `row` (runs of embed_runs, or the whole span)."""
+    if not image.embed_runs:
+        embeds[row : row + image.length] = features
+        return
+    used = 0
+    for start, count in image.embed_runs:
+        embeds[row + start : row + start + count] = features[used : used + count]
+        used += count

@@ -121,7 +121,8 @@ class TokenizeService:
             # not the segment layout both processors use: report what is certain
             text = self.tokenizer.decode(ids, skip_special_tokens=False)
             images = [
-                RenderedImage(num_tiles=image.num_tiles, num_tokens=image.length) for image in prompt.images
+                RenderedImage(num_tiles=image.num_tiles, num_tokens=image.num_embeds)
+                for image in prompt.images
             ]
         else:
             pieces = _IMAGE_SENTINEL.split(prompt.prompt_text)

@@ -66,18 +66,36 @@ def test_expansion_of_a_split_image(tokenizer) -> None:
     )
 
 
-def test_one_image_input_per_sub_image(tokenizer) -> None:
+def test_one_image_input_per_image_with_embed_runs(tokenizer) -> None:
+    """All sub-images in one ImageInput (one encoder call); its span covers the whole layout and
+    embed_runs marks the `<image>` runs, so the row/col tags between them keep their embeddings."""
     proc = processor(tokenizer)
     image = proc.process(Image.new("RGB", (1000, 200), (10, 200, 30)))
     assert (image.rows, image.cols, image.num_tiles) == (1, 4, 5)
     ids, inputs = proc.build_prompt(f"User: {SENTINEL}\nHi<end_of_utterance>\nAssistant:", SENTINEL, [image])
-    assert [i.length for i in inputs] == [64] * 5
-    assert len({i.content_hash for i in inputs}) == 5
-    for index, image_input in enumerate(inputs):
-        assert image_input.pixel_values.shape == (1, 3, 512, 512)
-        assert ids[image_input.offset : image_input.offset + 64] == [proc.image_token_id] * 64
+    (image_input,) = inputs
+    assert image_input.pixel_values.shape == (5, 3, 512, 512)
+    assert (image_input.num_tiles, image_input.content_hash) == (5, image.content_hash)
+    assert image_input.num_embeds == 5 * 64 == ids.count(proc.image_token_id)
+    assert [count for _, count in image_input.embed_runs] == [64] * 5
+    span = ids[image_input.offset : image_input.offset + image_input.length]
+    assert span[0] == span[-1] == proc.image_token_id
+    embed = [False] * image_input.length
+    for index, (start, count) in enumerate(image_input.embed_runs):
+        assert span[start : start + count] == [proc.image_token_id] * count
+        embed[start : start + count] = [True] * count
         tag = "<global-img>" if index == 4 else f"<row_1_col_{index + 1}>"
-        assert ids[image_input.offset - 1] == tokenizer.convert_tokens_to_ids(tag)
+        assert ids[image_input.offset + start - 1] == tokenizer.convert_tokens_to_ids(tag)
+    # nothing but the layout tags lies between the runs
+    assert proc.image_token_id not in [t for t, e in zip(span, embed, strict=True) if not e]
+
+
+def test_unsplit_image_has_no_embed_runs(tokenizer) -> None:
+    proc = processor(tokenizer)
+    image = proc.process(Image.new("RGB", (40, 40)), max_tiles=1)
+    ids, (image_input,) = proc.build_prompt(f"User: {SENTINEL}\nHi", SENTINEL, [image])
+    assert (image_input.length, image_input.num_embeds, image_input.embed_runs) == (64, 64, ())
+    assert ids[image_input.offset : image_input.offset + 64] == [proc.image_token_id] * 64
 
 
 def test_image_token_in_text_is_refused(tokenizer) -> None:

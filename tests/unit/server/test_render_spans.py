@@ -1,5 +1,5 @@
 """image_spans: each request image's token span in a prepared prompt, for both processors' layouts
-(Nemotron-VL: one ImageInput per image; Idefics3: one per sub-image, grid markers between them),
+(one ImageInput per image in both families; Idefics3's span holds grid markers between its runs),
 adjacent images included. The spans and the text between them must account for every prompt id."""
 
 from __future__ import annotations
