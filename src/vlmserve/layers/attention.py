@@ -109,13 +109,13 @@ def cached_attention(
     if query.shape[0] == 1:  # one token: every slot up to its position is visible, no mask
         return grouped_decode_attention(query, cached_key[None], cached_value[None], scale)
     out = F.scaled_dot_product_attention(
-        query.transpose(0, 1),  # [num_heads, T, head_dim]
-        cached_key.transpose(0, 1),  # [kv_heads, S, head_dim]
-        cached_value.transpose(0, 1),
+        query.transpose(0, 1)[None],  # [1, num_heads, T, head_dim]: see _prefill_attention
+        cached_key.transpose(0, 1)[None],  # [1, kv_heads, S, head_dim]
+        cached_value.transpose(0, 1)[None],
         attn_mask=metadata.mask,
         scale=scale,
         enable_gqa=query.shape[1] != cached_key.shape[1],
-    )  # [num_heads, T, head_dim]
+    )[0]  # [num_heads, T, head_dim]
     return out.transpose(0, 1)
 
 
@@ -404,13 +404,15 @@ def _prefill_attention(
         keys = _gather_blocks(pool.key_cache[layer_idx], span.block_ids).view(-1, num_kv_heads, head_dim)
         values = _gather_blocks(pool.value_cache[layer_idx], span.block_ids).view(-1, num_kv_heads, head_dim)
         keys, values = keys[: span.seq_len], values[: span.seq_len]
+    # 4-D inputs: on CPU only those reach SDPA's flash kernel; 3-D ones take the math path (bmm, a
+    # materialised mask, softmax), 5-7x slower for a 1142-token chunk (docs/BENCHMARKS.md)
     out = F.scaled_dot_product_attention(
-        query.transpose(0, 1),  # [num_heads, q, D]
-        keys.transpose(0, 1),  # [kv_heads, S, D]
-        values.transpose(0, 1),
+        query.transpose(0, 1)[None],  # [1, num_heads, q, D]
+        keys.transpose(0, 1)[None],  # [1, kv_heads, S, D]
+        values.transpose(0, 1)[None],
         attn_mask=span.mask,
         is_causal=span.mask is None,
         scale=scale,
         enable_gqa=query.shape[1] != keys.shape[1],
-    )  # [num_heads, q, D]
+    )[0]  # [num_heads, q, D]
     return out.transpose(0, 1)
