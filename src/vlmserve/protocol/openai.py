@@ -27,7 +27,7 @@ from pydantic import (
 
 from vlmserve.errors import InvalidRequestError
 from vlmserve.protocol.guided import guided_spec
-from vlmserve.protocol.types import ChatMessage, GuidedDecodingSpec, ImagePart, SamplingParams, TextPart
+from vlmserve.protocol.types import ChatMessage, ImagePart, SamplingParams, TextPart
 
 logger = logging.getLogger(__name__)
 
@@ -255,11 +255,6 @@ class ChatCompletionRequest(OpenAIBaseModel):
         # structured output: well-formed and at most one constraint (whether it compiles is checked
         # against the tokenizer by runner/structured_output.validate_spec, still before the engine)
         guided_spec(self.response_format, self.nvext)
-
-    @property
-    def guided_spec(self) -> GuidedDecodingSpec | None:
-        """The structured-output constraint (InvalidRequestError when malformed or several)."""
-        return guided_spec(self.response_format, self.nvext)
 
     def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
         """logit_bias as (token_id, bias) pairs sorted by id. InvalidRequestError (400) for a key that is

@@ -212,19 +212,20 @@ class ChatCompletionService:
         if request.model is not None and request.model != server.served_model_name:
             raise ModelNotFoundError(f"The model `{request.model}` does not exist.", param="model")
         request.check_supported()
-        _check_logit_bias_ids(request, server.tokenizer_info.vocab_size)
-        guided = request.guided_spec
-        if guided is not None:
+        # max_tokens is set once the prompt's length is known
+        params = request.to_sampling_params()
+        _check_logit_bias_ids(params.logit_bias, server.tokenizer_info.vocab_size)
+        if params.guided is not None:
             # compiles the schema/regex/grammar (milliseconds; more for huge ones: off the event
             # loop); a 400 naming the problem if it does not, else the engine gets it from the cache
-            await asyncio.to_thread(validate_spec, guided, server.tokenizer_info)
+            await asyncio.to_thread(validate_spec, params.guided, server.tokenizer_info)
         asset_ids = parse_asset_references(asset_references)
         if not server.engine.is_running:
             raise EngineDeadError("the engine has stopped after an error; the server needs a restart")
         prompt = await server.preprocessor.prepare(
             request.to_chat_messages(), completion_mode=request.is_completion_mode, asset_ids=asset_ids
         )
-        params = request.to_sampling_params(self._max_tokens(request, len(prompt.prompt_token_ids)))
+        params = replace(params, max_tokens=self._max_tokens(request, len(prompt.prompt_token_ids)))
         return prompt, params
 
     def _max_tokens(self, request: ChatCompletionRequest, num_prompt_tokens: int) -> int:
@@ -412,8 +413,8 @@ def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
     return replace(params, seed=wrapped)
 
 
-def _check_logit_bias_ids(request: ChatCompletionRequest, vocab_size: int) -> None:
-    for token_id, _ in request.logit_bias_pairs():
+def _check_logit_bias_ids(logit_bias: tuple[tuple[int, float], ...], vocab_size: int) -> None:
+    for token_id, _ in logit_bias:
         if token_id >= vocab_size:
             raise InvalidRequestError(
                 f"logit_bias: token id {token_id} is outside the vocabulary (ids 0 to {vocab_size - 1})",
