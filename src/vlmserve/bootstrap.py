@@ -11,7 +11,7 @@ import importlib
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -104,9 +104,14 @@ def resolve_model_dir(config: ServerConfig) -> tuple[Path, str, str | None]:
         return path, config.served_model_name or path.name, None
     from vlmserve.models import default_model
 
-    path = default_model.ensure_default_model(Path(config.cache_dir), seed=config.seed)
+    path = default_model.ensure_default_model(Path(config.cache_dir))
     name = config.served_model_name or default_model.DEFAULT_SERVED_MODEL_NAME
     return path, name, default_model.DEFAULT_MODEL_DESCRIPTION
+
+
+def model_max_tiles(hf_config: dict[str, Any]) -> int:
+    """The tile budget a checkpoint declares (Nemotron-VL's max_dynamic_patch), else 12."""
+    return int(hf_config.get("max_dynamic_patch") or 12)
 
 
 def model_context_length(hf_config: dict[str, Any]) -> int:
@@ -131,6 +136,8 @@ def load_model_server(config: ServerConfig) -> ModelServer:
     torch.set_num_threads(config.num_threads or available_cores())
     dtype = resolve_dtype(config.dtype, device)
     loaded = load_model(model_dir, dtype=dtype, device=device)
+    if config.max_tiles == 0:
+        config = replace(config, max_tiles=model_max_tiles(loaded.raw_config))
     max_model_len = _max_model_len(config, loaded.raw_config)
     tokenizer = load_tokenizer(model_dir)
     processor = _import(loaded.family.processor)(loaded.raw_config, tokenizer, max_tiles=config.max_tiles)

@@ -102,7 +102,10 @@ class ServerConfig:
         4, "Most images one request may carry.", env=("NIM_MAX_IMAGES_PER_PROMPT",)
     )
     max_tiles: int = setting(
-        12, "Most tiles one image is cut into (a thumbnail is added beyond one).", env=("VLMSERVE_MAX_TILES",)
+        0,
+        "Most tiles one image is cut into (a thumbnail is added beyond one); 0: the model's own limit "
+        "(config.json max_dynamic_patch, else 12).",
+        env=("VLMSERVE_MAX_TILES",),
     )
     default_image_detail: str = setting(
         "high",
@@ -153,9 +156,6 @@ class ServerConfig:
         512 * 1024 * 1024,
         "Memory for uploaded image assets in all; the oldest are evicted to make room.",
         env=("VLMSERVE_ASSET_STORE_MAX_BYTES",),
-    )
-    seed: int = setting(
-        0, "Seed for random weights of the default model's untrained vision half.", env=("VLMSERVE_SEED",)
     )
     cache_dir: str = setting(
         str(default_cache_dir()), "Where the default model is assembled.", env=("VLMSERVE_CACHE_DIR",)
@@ -233,7 +233,7 @@ class ServerConfig:
     def __post_init__(self) -> None:
         _check_range("port", self.port, 0, 65535)
         _check_range("max_images_per_prompt", self.max_images_per_prompt, 0, 1024)
-        _check_range("max_tiles", self.max_tiles, 1, 64)
+        _check_range("max_tiles", self.max_tiles, 0, 64)
         _check_range("image_max_bytes", self.image_max_bytes, 1, 1 << 40)
         _check_range("image_max_pixels", self.image_max_pixels, 1, 1 << 40)
         _check_range("image_fetch_max_redirects", self.image_fetch_max_redirects, 0, 20)

@@ -49,15 +49,16 @@ class PreparedPrompt:
     prompt_text: str
 
 
-def max_tiles_for_detail(detail: str, config: ServerConfig) -> int:
-    """An image's tile budget: low = 1 (the whole image as one tile), high = config.max_tiles,
-    auto = whichever config.default_image_detail names."""
+def max_tiles_for_detail(detail: str, config: ServerConfig, max_tiles: int) -> int:
+    """An image's tile budget: low = 1 (the whole image as one tile), high = `max_tiles` (the
+    processor's: --max-tiles, or the model's own limit), auto = whichever config.default_image_detail
+    names."""
     if detail == "auto":
         detail = config.default_image_detail
     if detail == "low":
         return 1
     if detail == "high":
-        return config.max_tiles
+        return max_tiles
     raise InvalidRequestError(
         f"image detail must be 'auto', 'low' or 'high', got {detail!r}", param="messages"
     )
@@ -101,7 +102,8 @@ class InputPreprocessor:
         parsed = parse_messages(messages)
         image_parts = [image for message in parsed for image in message.images]
         self._check_image_count(len(image_parts))
-        budgets = [max_tiles_for_detail(part.detail, self.config) for part in image_parts]
+        limit = self.processor.max_tiles
+        budgets = [max_tiles_for_detail(part.detail, self.config, limit) for part in image_parts]
         images = await _gather_or_cancel(
             [self._load(part, budget, asset_ids) for part, budget in zip(image_parts, budgets, strict=True)]
         )

@@ -32,7 +32,7 @@ def _refuse(request: httpx.Request) -> httpx.Response:
 
 def _preprocessor(tokenizer: Any, handler: Any = _refuse, **settings: Any) -> InputPreprocessor:
     config = ServerConfig(**({"allow_private_image_urls": True} | settings))
-    processor = NemotronVLProcessor(SMALL_TILE_CONFIG, tokenizer, max_tiles=config.max_tiles)
+    processor = NemotronVLProcessor(SMALL_TILE_CONFIG, tokenizer, max_tiles=config.max_tiles or 12)
     client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
     return InputPreprocessor(tokenizer, processor, config, client=client)
 
@@ -210,7 +210,7 @@ async def test_unknown_detail_is_400_before_loading(tiny_tokenizer: Any) -> None
 
 
 def test_max_tiles_for_detail() -> None:
-    config = ServerConfig(max_tiles=7)
-    assert [max_tiles_for_detail(d, config) for d in ("low", "high", "auto")] == [1, 7, 7]
-    low_default = ServerConfig(max_tiles=7, default_image_detail="low")
-    assert max_tiles_for_detail("auto", low_default) == 1
+    config = ServerConfig()
+    assert [max_tiles_for_detail(d, config, 7) for d in ("low", "high", "auto")] == [1, 7, 7]
+    low_default = ServerConfig(default_image_detail="low")
+    assert max_tiles_for_detail("auto", low_default, 7) == 1
