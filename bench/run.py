@@ -32,16 +32,10 @@ import asyncio
 import base64
 import io
 import json
-import os
-import platform
 import shlex
-import socket
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -53,198 +47,12 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_QUESTION = "Can you describe this image briefly?"  # W1: 1142 prompt tokens, as the reference runs
 WORKLOADS = ("W1", "W2", "W3")
 
+if __package__ in (None, ""):  # run as a script (python bench/run.py): make the bench package importable
+    sys.path.insert(0, str(REPO))
 
-# ---------------------------------------------------------------------------------------------- machine
-
-
-def load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def machine_info() -> dict[str, Any]:
-    cpu_model, flags = "unknown", []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu_model == "unknown":
-                cpu_model = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = line.split(":", 1)[1].split()
-    except OSError:
-        pass
-    mem_total_kib = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_total_kib = int(line.split()[1])
-    except OSError:
-        pass
-    versions = {}
-    for dist in ("torch", "transformers", "httpx", "matplotlib", "vlmserve"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None
-    try:
-        rev = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--", "src"], capture_output=True, text=True
-        ).stdout.rstrip()
-        git = rev + (" (src/ modified)" if dirty else "")
-        src_changes = dirty.splitlines()
-    except (OSError, subprocess.CalledProcessError):
-        git, src_changes = None, []
-    return {
-        "cpu_model": cpu_model,
-        "cpu_flags_of_note": [f for f in flags if f.startswith(("avx512", "amx", "avx2", "fma"))],
-        "logical_cpus": os.cpu_count(),
-        "cpus_available": len(os.sched_getaffinity(0)),
-        "mem_total_gib": round(mem_total_kib / 2**20, 1) if mem_total_kib else None,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "versions": versions,
-        "git": git,
-        "src_uncommitted": src_changes,
-    }
-
-
-class RssMonitor(threading.Thread):
-    """Polls the RSS of a process and its descendants; keeps the overall and the current-phase peak."""
-
-    def __init__(self, pid: int, interval: float = 0.1) -> None:
-        super().__init__(name="rss-monitor", daemon=True)
-        self.pid, self.interval = pid, interval
-        self.peak_kib = 0
-        self.phase_peak_kib = 0
-        self.main_hwm_kib = 0
-        self._stop = threading.Event()
-
-    @staticmethod
-    def _status(pid: int) -> dict[str, int]:
-        out = {}
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith(("VmRSS:", "VmHWM:")):
-                    key, value = line.split(":", 1)
-                    out[key] = int(value.split()[0])
-        except (OSError, ValueError):
-            pass
-        return out
-
-    def _tree(self) -> list[int]:
-        pids, todo = [], [self.pid]
-        while todo:
-            pid = todo.pop()
-            pids.append(pid)
-            try:
-                for task in Path(f"/proc/{pid}/task").iterdir():
-                    todo.extend(int(c) for c in (task / "children").read_text().split())
-            except OSError:
-                pass
-        return pids
-
-    def sample(self) -> None:
-        total = 0
-        for pid in self._tree():
-            status = self._status(pid)
-            total += status.get("VmRSS", 0)
-            if pid == self.pid:
-                self.main_hwm_kib = max(self.main_hwm_kib, status.get("VmHWM", 0))
-        self.peak_kib = max(self.peak_kib, total)
-        self.phase_peak_kib = max(self.phase_peak_kib, total)
-
-    def new_phase(self) -> None:
-        self.phase_peak_kib = 0
-        self.sample()
-
-    def run(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self.interval)
-
-    def stop(self) -> None:
-        self._stop.set()
-
-
-# ----------------------------------------------------------------------------------------------- server
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def ensure_smolvlm(cache_dir: Path, seed: int) -> Path:
-    """The seeded random-weight SmolVLM-256M checkpoint, written once into cache_dir."""
-    out = cache_dir / f"smolvlm-256m-random-seed{seed}"
-    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
-        return out
-    print(f"writing {out} (tools/make_smolvlm_checkpoint.py) ...", flush=True)
-    subprocess.run(
-        [sys.executable, str(REPO / "tools" / "make_smolvlm_checkpoint.py"), str(out), "--seed", str(seed)],
-        check=True,
-    )
-    return out
-
-
-@dataclass
-class Server:
-    command: list[str]
-    base_url: str
-    process: subprocess.Popen
-    log_path: Path
-    started_at: float
-    ready_after_s: float | None = None
-
-
-def start_server(args: argparse.Namespace, log_path: Path) -> Server:
-    port = free_port()
-    if args.peer_cmd:
-        command = shlex.split(args.peer_cmd.format(port=port, model=args.model or ""))
-    else:
-        command = [sys.executable, "-m", "vlmserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-        if args.model_dir is not None:
-            command += ["--model", str(args.model_dir)]
-        command += ["--dtype", args.dtype, "--max-tiles", str(args.max_tiles)]
-        if args.num_threads is not None:
-            command += ["--num-threads", str(args.num_threads)]
-        command += shlex.split(args.server_args or "")
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = log_path.open("w")
-    print("starting:", shlex.join(command), flush=True)
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    return Server(command, f"http://127.0.0.1:{port}", process, log_path, time.monotonic())
-
-
-def wait_ready(server: Server, path: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"server exited with {server.process.returncode}; log: {server.log_path}")
-        try:
-            if httpx.get(server.base_url + path, timeout=2).status_code == 200:
-                server.ready_after_s = round(time.monotonic() - server.started_at, 1)
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"server not ready after {timeout} s; log: {server.log_path}")
-
-
-def stop_server(server: Server) -> None:
-    if server.process.poll() is None:
-        server.process.terminate()
-        try:
-            server.process.wait(30)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait()
-
+from bench.machine import RssMonitor, load_average, machine_info  # noqa: E402 (after the sys.path fix)
+from bench.plot import plot  # noqa: E402
+from bench.server import ensure_smolvlm, start_server, stop_server, wait_ready  # noqa: E402
 
 # --------------------------------------------------------------------------------------------- requests
 
@@ -549,45 +357,6 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def plot(reports: list[dict[str, Any]], png_path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
-        return
-    fig, (ax_tok, ax_req) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for report in reports:
-        by_workload: dict[str, list[dict[str, Any]]] = {}
-        for level in report.get("levels", []):
-            if not level.get("warmup") and level.get("ok"):
-                by_workload.setdefault(level["workload"], []).append(level)
-        for workload, levels in sorted(by_workload.items()):
-            levels.sort(key=lambda lv: lv["concurrency"])
-            cs = [lv["concurrency"] for lv in levels]
-            name = f"{report['label']} {workload}"
-            ax_tok.plot(cs, [lv["output_tok_s_aggregate"] for lv in levels], marker="o", label=name)
-            ax_req.plot(cs, [lv["requests_per_s"] for lv in levels], marker="o", label=name)
-    for ax, ylabel in ((ax_tok, "output tokens/s (aggregate)"), (ax_req, "requests/s")):
-        ax.set_xlabel("concurrency")
-        ax.set_ylabel(ylabel)
-        ax.set_yscale("log")
-        ax.grid(True, which="both", alpha=0.3)
-    ax_tok.legend(fontsize=7)
-    loads = [r.get("load_average_before") for r in reports]
-    cpu = reports[0].get("machine", {}).get("cpu_model", "?") if reports else "?"
-    fig.suptitle(
-        f"vlmserve bench: {cpu}, {reports[0]['machine'].get('cpus_available')} CPUs, load before {loads}",
-        fontsize=8,
-    )
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {png_path}", flush=True)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.run",
@@ -699,6 +468,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    if __package__ in (None, ""):
-        sys.path.insert(0, str(REPO))
     main()
