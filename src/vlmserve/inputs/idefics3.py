@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlmserve.errors import InvalidRequestError, ModelLoadError
+from vlmserve.errors import ModelLoadError
+from vlmserve.inputs.prompt import check_image_token_count, splice_images
 from vlmserve.protocol.types import ImageInput
 
 IMAGE_TOKEN = "<image>"
@@ -242,35 +243,19 @@ class Idefics3Processor:
         own (no special tokens added); the expansion starts and ends with special tokens, so this
         equals tokenizing the expanded text in one piece, as transformers does.
         """
-        segments = prompt_text.split(sentinel)
-        if len(segments) != len(images) + 1:
-            raise InvalidRequestError(
-                f"the chat template kept {len(segments) - 1} of {len(images)} images", param="messages"
-            )
-        prompt_token_ids: list[int] = []
-        image_inputs: list[ImageInput] = []
-        for segment, image in zip(segments, [*images, None], strict=True):
-            if segment:
-                prompt_token_ids.extend(self.tokenizer.encode(segment, add_special_tokens=False))
-            if image is None:
-                continue
-            ids, starts = self._expansion_ids(image.rows, image.cols)
-            base = len(prompt_token_ids)
-            prompt_token_ids.extend(ids)
-            first, length = starts[0], starts[-1] + self.tokens_per_tile - starts[0]
-            runs = tuple((start - first, self.tokens_per_tile) for start in starts) if len(starts) > 1 else ()
-            image_inputs.append(
-                ImageInput(
-                    image.pixel_values, image.num_tiles, image.content_hash, base + first, length, runs
-                )
-            )
-        if prompt_token_ids.count(self.image_token_id) != sum(image.num_embeds for image in image_inputs):
-            raise InvalidRequestError(
-                f"message text must not contain the image token {IMAGE_TOKEN!r}; "
-                "send images as image_url parts or <img src> tags",
-                param="messages",
-            )
+        prompt_token_ids, image_inputs = splice_images(
+            self.tokenizer, prompt_text, sentinel, images, self._expand
+        )
+        check_image_token_count(prompt_token_ids, image_inputs, self.image_token_id, IMAGE_TOKEN)
         return prompt_token_ids, image_inputs
+
+    def _expand(self, image: Idefics3Image, position: int) -> tuple[list[int], ImageInput]:
+        ids, starts = self._expansion_ids(image.rows, image.cols)
+        first, length = starts[0], starts[-1] + self.tokens_per_tile - starts[0]
+        runs = tuple((start - first, self.tokens_per_tile) for start in starts) if len(starts) > 1 else ()
+        return ids, ImageInput(
+            image.pixel_values, image.num_tiles, image.content_hash, position + first, length, runs
+        )
 
 
 def _require(config: dict[str, Any], key: str) -> Any:

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlmserve.errors import InvalidRequestError, ModelLoadError
+from vlmserve.errors import ModelLoadError
+from vlmserve.inputs.prompt import check_image_token_count, splice_images
 from vlmserve.protocol.types import ImageInput
 
 IMAGE_START_TOKEN = "<img>"
@@ -184,37 +185,19 @@ class NemotronVLProcessor:
         already wrote BOS) and each image's ids are spliced in. Since the image tokens are special
         tokens, this equals tokenizing the text with each sentinel replaced by "<img><image>...</img>".
         """
-        segments = prompt_text.split(sentinel)
-        if len(segments) != len(images) + 1:
-            raise InvalidRequestError(
-                f"the chat template kept {len(segments) - 1} of {len(images)} images", param="messages"
-            )
-        prompt_token_ids: list[int] = []
-        image_inputs: list[ImageInput] = []
-        for segment, image in zip(segments, [*images, None], strict=True):
-            if segment:
-                prompt_token_ids.extend(self.tokenizer.encode(segment, add_special_tokens=False))
-            if image is None:
-                continue
-            # offset: the first <image> token, just after <img>
-            offset = len(prompt_token_ids) + 1
-            prompt_token_ids.extend(self.image_token_ids(image.num_tiles))
-            length = image.num_tiles * self.tokens_per_tile
-            image_inputs.append(
-                ImageInput(image.pixel_values, image.num_tiles, image.content_hash, offset, length)
-            )
-        self._check_image_token_count(prompt_token_ids, image_inputs)
+        prompt_token_ids, image_inputs = splice_images(
+            self.tokenizer, prompt_text, sentinel, images, self._expand
+        )
+        check_image_token_count(prompt_token_ids, image_inputs, self.image_token_id, IMAGE_CONTEXT_TOKEN)
         return prompt_token_ids, image_inputs
 
-    def _check_image_token_count(self, prompt_token_ids: list[int], image_inputs: list[ImageInput]) -> None:
-        # Text that spells "<image>" tokenizes to the image token too; the engine would put features there.
-        expected = sum(image.length for image in image_inputs)
-        if prompt_token_ids.count(self.image_token_id) != expected:
-            raise InvalidRequestError(
-                f"message text must not contain the image token {IMAGE_CONTEXT_TOKEN!r}; "
-                "send images as image_url parts or <img src> tags",
-                param="messages",
-            )
+    def _expand(self, image: ProcessedImage, position: int) -> tuple[list[int], ImageInput]:
+        # offset: the first <image> token, just after <img>
+        length = image.num_tiles * self.tokens_per_tile
+        image_input = ImageInput(
+            image.pixel_values, image.num_tiles, image.content_hash, position + 1, length
+        )
+        return self.image_token_ids(image.num_tiles), image_input
 
 
 def _config_value(hf_config: dict[str, Any], key: str) -> Any:
