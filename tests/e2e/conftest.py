@@ -31,7 +31,8 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.helpers import gif_bytes, jpeg_bytes, png_bytes
+from tests.e2e.helpers import demo_picture_png, gif_bytes, jpeg_bytes, png_bytes
+from vlmserve.demo.shapes import Scene, Shape
 
 STRICT_MAX_MODEL_LEN = 64
 # how long the image host's /slow paths wait before answering (the server's fetch timeout is 1.5 s)
@@ -196,6 +197,12 @@ def strict_sdk(strict_server: RunningServer) -> openai.OpenAI:
 # ------------------------------------------------------------------------------------------ image host
 
 
+# a demo-model picture (tests/e2e/test_default_model_e2e.py): two shapes on a plain background
+DEMO_PICTURE_PNG = demo_picture_png(
+    Scene(320, 240, (Shape("green", "triangle", "top left"), Shape("orange", "circle", "bottom right")))
+)
+
+
 @dataclass
 class ImageHost:
     base_url: str
@@ -220,6 +227,7 @@ def image_host() -> Iterator[ImageHost]:
         "/photo.jpg": ("image/jpeg", jpeg_bytes(64, 64)),
         "/anim.gif": ("image/gif", gif_bytes(16, 16)),
         "/not-image.png": ("image/png", b"this is plain text, not an image"),
+        "/shapes.png": ("image/png", DEMO_PICTURE_PNG),
     }
     requests: list[str] = []
     stopping = threading.Event()

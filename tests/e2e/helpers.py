@@ -34,6 +34,17 @@ def image_bytes(width: int, height: int, fmt: str, color: tuple[int, int, int] =
     return buffer.getvalue()
 
 
+def demo_picture_png(scene: Any, seed: int = 0) -> bytes:
+    """A PNG of a demo-model scene (vlmserve.demo.shapes), drawn with a fixed seed."""
+    import random
+
+    from vlmserve.demo.shapes import render
+
+    buffer = io.BytesIO()
+    render(scene, random.Random(seed)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 def png_bytes(width: int, height: int, color: tuple[int, int, int] = (200, 40, 40)) -> bytes:
     return image_bytes(width, height, "PNG", color)
 

@@ -102,8 +102,10 @@ def _background(width: int, height: int, rng: random.Random) -> Image.Image:
     if rng.random() < 0.5:
         return Image.new("RGB", (width, height), tuple(base))
     noise_rng = np.random.default_rng(rng.getrandbits(32))
-    noise = noise_rng.normal(0.0, rng.uniform(6.0, 22.0), size=(height, width, 3))
-    pixels = np.clip(np.asarray(base, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
+    noise = noise_rng.standard_normal((height, width, 3), dtype=np.float32)
+    noise *= rng.uniform(6.0, 22.0)
+    noise += np.asarray(base, dtype=np.float32)
+    pixels = np.clip(noise, 0, 255, out=noise).astype(np.uint8)
     return Image.fromarray(pixels, "RGB")
 
 

