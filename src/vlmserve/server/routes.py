@@ -138,7 +138,8 @@ async def metadata(request: Request) -> dict[str, Any]:
                 "max_n": api.MAX_N,
                 "max_top_logprobs": api.MAX_TOP_LOGPROBS,
                 "max_images_per_prompt": config.max_images_per_prompt,
-                "max_tiles": server.metadata["max_tiles"],
+                # the budget in force (bootstrap resolves --max-tiles 0 to the checkpoint's own)
+                "max_tiles": server.metadata.get("max_tiles", config.max_tiles),
                 "image_max_bytes": config.image_max_bytes,
                 "image_max_pixels": config.image_max_pixels,
                 "image_fetch_timeout": config.image_fetch_timeout,

@@ -147,10 +147,13 @@ async def test_metadata_stringifies_odd_values(
 
     model_server.metadata["model_path"] = Path("/models/x")
     model_server.metadata["dtype"] = object()
+    model_server.metadata["max_tiles"] = 1
     async with make_client(lambda config: model_server) as client:
         body = (await client.get("/v1/metadata")).json()
     assert body["model_path"] == "/models/x"
     assert body["dtype"].startswith("<object")
+    # the tile budget the model server resolved, not the setting's 0 ("the checkpoint's own")
+    assert body["limits"]["max_tiles"] == 1
 
 
 async def test_docs_and_openapi(client: httpx.AsyncClient) -> None:
