@@ -45,6 +45,7 @@ from vlmserve.inputs.tokenizer import load_tokenizer
 from vlmserve.layers.rotary import apply_rotary_emb
 from vlmserve.models import default_model
 from vlmserve.models.registry import load_model
+from vlmserve.protocol.types import ImagePart
 
 logger = logging.getLogger("train_demo_model")
 
@@ -127,8 +128,6 @@ class PromptBuilder:
         self.end_ids = self.tokenizer.encode("<|im_end|>", add_special_tokens=False)
 
     def example(self, scene: shapes.Scene, question: shapes.Question) -> Example:
-        from vlmserve.protocol.types import ImagePart
-
         message = ParsedMessage("user", [ImagePart(url="data:"), question.text])
         text = render_chat(self.tokenizer, [message], sentinel=_SENTINEL, completion_mode=False)
         prompt_ids, images = self.processor.build_prompt(text, _SENTINEL, [self._image])
@@ -481,8 +480,8 @@ def code_candidates(code: SceneCode, grid: int) -> tuple[torch.Tensor, torch.Ten
             for n in range(len(shapes.POSITIONS))
         ]
     )
-    half = grid // 2
-    roles = torch.tensor([(i // grid % half) * half + i % grid % half for i in range(grid * grid)])
+    # every token's role is fixed by its place in the grid: take it from any scene
+    roles = scene_indices(shapes.Scene(1, 1, ()), grid)[:, 3]
     indices = torch.cat(
         [choices.expand(grid * grid, -1, -1), roles[:, None, None].expand(-1, len(choices), 1)], dim=-1
     )
