@@ -107,16 +107,12 @@ def test_colour_of_one_shape(sdk: openai.OpenAI, colour: str, kind: str) -> None
     assert shapes.grade(scene, Question("colour", "", shape), answer), answer
 
 
-# Below the issue's target (docs/DEMO_MODEL.md: 40% of count questions right on the held-out set):
-# the cases this model gets wrong are strict xfails, so a better model turns them into failures to
-# remove, and a worse one fails the case that passes now.
-BELOW_TARGET = pytest.mark.xfail(strict=True, reason="demo model below its accuracy target (issue 4)")
+# docs/DEMO_MODEL.md: 93% of count questions right on the held-out set
 COUNT_SCENES = [
-    pytest.param(Scene(300, 300, (Shape("purple", "star", "bottom right"),)), id="one", marks=BELOW_TARGET),
+    pytest.param(Scene(300, 300, (Shape("purple", "star", "bottom right"),)), id="one"),
     pytest.param(
         Scene(400, 240, (Shape("yellow", "square", "top right"), Shape("green", "circle", "bottom left"))),
         id="two",
-        marks=BELOW_TARGET,
     ),
     pytest.param(
         Scene(
