@@ -296,12 +296,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             pass
         url = server.base_url + "/v1/chat/completions"
         payloads = Payloads(args, model_id)
-        counts = args.requests_per_level
-        if len(counts) == 1:
-            counts = counts * len(args.concurrency)
-        if len(counts) != len(args.concurrency):
-            raise SystemExit("--requests-per-level: one number, or one per --concurrency level")
-        for workload in args.workloads:
+        for workload, plan_levels in args.plan:
             # warm-up (W2: also primes the cache with its one image)
             warm = max(args.warmup, 1 if workload == "W2" else 0)
             if warm:
@@ -315,8 +310,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     flush=True,
                 )
                 levels.append({"workload": workload, "concurrency": 1, "warmup": True, **summary})
-            for concurrency, count in zip(args.concurrency, counts, strict=True):
-                n = count or args.requests_factor * concurrency
+            for concurrency, n in plan_levels:
                 bodies = [payloads.make(workload) for _ in range(n)]
                 before = load_average()
                 monitor.new_phase()
@@ -355,6 +349,41 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         json_path.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {json_path}", flush=True)
     return report
+
+
+Plan = list[tuple[str, list[tuple[int, int]]]]  # (workload, [(concurrency, requests), ...]) in run order
+
+
+def parse_plan(text: str) -> Plan:
+    """'W3:1x2,4x4 W2:1x2' -> [('W3', [(1, 2), (4, 4)]), ('W2', [(1, 2)])]."""
+    plan: Plan = []
+    for item in text.split():
+        workload, _, levels = item.partition(":")
+        workload = workload.upper()
+        if workload not in WORKLOADS:
+            raise ValueError(f"--plan: unknown workload {workload!r}: one of {', '.join(WORKLOADS)}")
+        try:
+            pairs = [tuple(int(x) for x in level.split("x")) for level in levels.split(",")]
+        except ValueError:
+            pairs = []
+        if not pairs or any(len(pair) != 2 or min(pair) < 1 for pair in pairs):
+            raise ValueError(f"--plan: {item!r} is not WORKLOAD:CxN[,CxN...] with C, N >= 1")
+        plan.append((workload, [(c, n) for c, n in pairs]))
+    return plan
+
+
+def plan_from_levels(args: argparse.Namespace) -> Plan:
+    """The plan --workloads, --concurrency, --requests-per-level and --requests-factor describe."""
+    counts = args.requests_per_level
+    if len(counts) == 1:
+        counts = counts * len(args.concurrency)
+    if len(counts) != len(args.concurrency):
+        raise ValueError("--requests-per-level: one number, or one per --concurrency level")
+    for workload in args.workloads:
+        if workload not in WORKLOADS:
+            raise ValueError(f"unknown workload {workload!r}: one of {', '.join(WORKLOADS)}")
+    levels = [(c, n or args.requests_factor * c) for c, n in zip(args.concurrency, counts, strict=True)]
+    return [(workload, list(levels)) for workload in args.workloads]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -435,10 +464,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="JSON",
         help="only plot these result files together (into OUT_DIR/LABEL.png)",
     )
+    parser.add_argument(
+        "--plan",
+        default=None,
+        help="workloads and levels in one string, overriding --workloads, --concurrency and "
+        "--requests-per-level: 'W3:1x2,4x4 W2:1x2' runs W3 at c=1 (2 requests) and c=4 (4 requests), "
+        "then W2 at c=1 (2 requests)",
+    )
     args = parser.parse_args(argv)
-    for workload in args.workloads:
-        if workload not in WORKLOADS:
-            parser.error(f"unknown workload {workload!r}: one of {', '.join(WORKLOADS)}")
+    try:
+        args.plan = parse_plan(args.plan) if args.plan else plan_from_levels(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    args.workloads = [workload for workload, _ in args.plan]
     args.model_dir = None
     if not args.plot and not args.peer_cmd:
         if args.model == "smolvlm":
