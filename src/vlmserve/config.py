@@ -81,6 +81,12 @@ class ServerConfig:
         "prefix too) skips the encoder; least recently used first out; outside the KV cache budget. 0: off.",
         env=("VLMSERVE_ENCODER_CACHE_BYTES",),
     )
+    image_cache_bytes: int = setting(
+        256 * 1024 * 1024,
+        "Bytes of decoded, tiled images kept by the front end, so the same image file sent again (the next "
+        "turn of a chat about it) is not decoded and tiled again; least recently used first out. 0: off.",
+        env=("VLMSERVE_IMAGE_CACHE_BYTES",),
+    )
     max_num_batched_tokens: int = setting(
         0,
         "Most tokens computed in one engine step, all requests together; 0: 2048, or more when one image "
@@ -271,6 +277,7 @@ class ServerConfig:
         for pattern in self.image_url_allowed_domains:
             _check_domain_pattern(pattern)
         _check_range("encoder_cache_bytes", self.encoder_cache_bytes, 0, 1 << 44)
+        _check_range("image_cache_bytes", self.image_cache_bytes, 0, 1 << 44)
         _check_range("max_request_body_bytes", self.max_request_body_bytes, 1024, 1 << 40)
         if not self.shutdown_grace_seconds >= 0:
             raise ConfigError(f"shutdown_grace_seconds must be >= 0, got {self.shutdown_grace_seconds}")

@@ -23,6 +23,7 @@ from vlmserve.errors import InvalidRequestError
 from vlmserve.inputs.assets import AssetStore
 from vlmserve.inputs.chat_template import render_chat
 from vlmserve.inputs.content import ParsedMessage, parse_messages
+from vlmserve.inputs.image_cache import ProcessedImageCache
 from vlmserve.inputs.media import (
     asset_reference,
     create_fetch_client,
@@ -84,6 +85,8 @@ class InputPreprocessor:
         self._client = client if client is not None else create_fetch_client(config)
         # images turned into tiles and the seconds it took, added up (read by the metrics exporter)
         self.stats = ImageStats()
+        # the same encoded image again (the next turn of a chat about it) skips decoding and tiling
+        self.image_cache: ProcessedImageCache[ProcessedImage] = ProcessedImageCache(config.image_cache_bytes)
 
     async def prepare(
         self,
@@ -140,8 +143,13 @@ class InputPreprocessor:
         return self._process_bytes(data, max_tiles)
 
     def _process_bytes(self, data: bytes, max_tiles: int) -> ProcessedImage:
-        image = decode_image(data, max_pixels=self.config.image_max_pixels)
-        return self.processor.process(image, max_tiles=max_tiles)
+        key = self.image_cache.key(data, max_tiles)
+        processed = self.image_cache.get(key)
+        if processed is None:
+            image = decode_image(data, max_pixels=self.config.image_max_pixels)
+            processed = self.processor.process(image, max_tiles=max_tiles)
+            self.image_cache.put(key, processed)
+        return processed
 
     def _build(
         self, parsed: list[ParsedMessage], images: list[ProcessedImage], sentinel: str, completion_mode: bool
