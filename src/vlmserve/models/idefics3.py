@@ -9,10 +9,10 @@ checkpoint's (`model.vision_model.*`, `model.connector.modality_projection.proj`
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vlmserve.layers.attention import KVCache
+from vlmserve.layers.linear import Linear, linear
 from vlmserve.models.config import Idefics3Config
 from vlmserve.models.llama import LlamaModel
 from vlmserve.models.loader import WeightMapping
@@ -63,7 +63,7 @@ class Idefics3ForConditionalGeneration(nn.Module):
         self.lm_head = (
             None
             if config.tie_word_embeddings
-            else nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+            else Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
         )
         self.ignored_checkpoint_keys: tuple[str, ...] = ("lm_head.weight",) if self.lm_head is None else ()
         self.tokens_per_tile: int = config.tokens_per_tile
@@ -91,7 +91,7 @@ class Idefics3ForConditionalGeneration(nn.Module):
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states [N, lm_hidden] -> logits [N, vocab] in float32."""
         weight = self.model.text_model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden_states, weight).float()
+        return linear(hidden_states, weight).float()
 
     def make_kv_cache(self, max_tokens: int, *, dtype: torch.dtype, device: torch.device | str) -> KVCache:
         """An empty cache for one sequence of up to `max_tokens` tokens."""
