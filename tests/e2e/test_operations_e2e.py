@@ -150,6 +150,8 @@ def test_soak_mixed_requests(server: RunningServer, image_host: ImageHost) -> No
     assert values["gpu_cache_usage_perc"] == 0 and values["num_requests_running"] == 0
     assert values["request_finish_total{abort}"] >= 60
     assert values["images_processed_total"] > 0 and values["vision_encoder_seconds_total"] > 0
+    # the same image in every request: decoded and tiled once, then taken from the front end's cache
+    assert values["image_input_cache_hits_total"] > 0
     assert values["time_to_first_token_seconds_count"] > 0
     assert growth < 0.10
 

@@ -133,7 +133,9 @@ class _ModelServerCollector(Collector):
         label = [self._exporter._label]
         engine = getattr(server, "engine", None)
         stats = _call(engine, "stats")  # one EngineStats snapshot: gauges and totals of the same step
-        images = getattr(getattr(server, "preprocessor", None), "stats", None)
+        preprocessor = getattr(server, "preprocessor", None)
+        images = getattr(preprocessor, "stats", None)
+        image_cache = getattr(preprocessor, "image_cache", None)
 
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             family = GaugeMetricFamily(name, doc, labels=["model_name"])
@@ -165,11 +167,25 @@ class _ModelServerCollector(Collector):
             "Running requests preempted (KV freed, recomputed later).",
             _get(stats, "num_preemptions"),
         )
-        yield counter("images_processed", "Images fetched or decoded and tiled.", _get(images, "num_images"))
+        yield counter(
+            "images_processed",
+            "Images loaded for requests: fetched or decoded and tiled, or from the processed-image cache.",
+            _get(images, "num_images"),
+        )
         yield counter(
             "image_preprocessing_seconds",
             "Seconds spent loading (fetch, decode) and tiling images, summed over images.",
             _get(images, "preprocess_seconds"),
+        )
+        yield counter(
+            "image_input_cache_hits",
+            "Images taken already decoded and tiled from the front end's processed-image cache.",
+            _get(image_cache, "hits"),
+        )
+        yield counter(
+            "image_input_cache_misses",
+            "Images decoded and tiled because the processed-image cache did not hold them.",
+            _get(image_cache, "misses"),
         )
         yield counter(
             "vision_encoder_images",

@@ -30,6 +30,8 @@ NIM_NAMES = {
     "vision_encoder_seconds",
     "image_embedding_cache_hits",
     "image_embedding_cache_misses",
+    "image_input_cache_hits",
+    "image_input_cache_misses",
     "gpu_prefix_cache_hit_rate",
 }
 
@@ -69,7 +71,8 @@ def test_request_stats_fill_counters_and_histograms() -> None:
 class _Server:
     def __init__(self, engine: object) -> None:
         self.engine = engine
-        self.preprocessor = type("P", (), {"stats": ImageStats()})()
+        image_cache = type("C", (), {"hits": 3, "misses": 2})()
+        self.preprocessor = type("P", (), {"stats": ImageStats(), "image_cache": image_cache})()
 
 
 async def test_engine_requests_are_measured() -> None:
@@ -98,3 +101,4 @@ async def test_engine_requests_are_measured() -> None:
     assert values["gpu_cache_usage_perc"] == 0 and values["num_requests_running"] == 0
     assert values["prefix_cache_queries_total"] > 0
     assert values["images_processed_total"] == 1 and values["image_preprocessing_seconds_total"] == 0.25
+    assert values["image_input_cache_hits_total"] == 3 and values["image_input_cache_misses_total"] == 2
