@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections import OrderedDict
 from typing import Generic, Protocol, TypeVar
 
 import torch
+
+from vlmserve.lru import BytesLRU, tensor_bytes
 
 
 class _Processed(Protocol):
@@ -27,50 +28,41 @@ class _Processed(Protocol):
 P = TypeVar("P", bound=_Processed)
 
 
+def _size(image: _Processed) -> int:
+    return tensor_bytes(image.pixel_values)
+
+
 class ProcessedImageCache(Generic[P]):
-    """`get`/`put` by `key(data, max_tiles)`; least recently used entries go first when a new one needs
-    room. An entry larger than the whole budget is not stored; max_bytes 0 stores nothing."""
+    """A BytesLRU of processed images by `key(data, max_tiles)`, sized by their pixel_values, with a
+    lock and hit/miss counts. max_bytes 0 stores nothing."""
 
     def __init__(self, max_bytes: int) -> None:
-        if max_bytes < 0:
-            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
-        self.max_bytes = max_bytes
-        self.num_bytes = 0
+        self._lru: BytesLRU[P] = BytesLRU(max_bytes, _size)
         self.hits = 0
         self.misses = 0
-        self._entries: OrderedDict[str, P] = OrderedDict()
         self._lock = threading.Lock()
 
     @staticmethod
     def key(data: bytes, max_tiles: int) -> str:
         return f"{hashlib.sha256(data).hexdigest()}|{max_tiles}"
 
+    @property
+    def num_bytes(self) -> int:
+        return self._lru.num_bytes
+
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._lru)
 
     def get(self, key: str) -> P | None:
         with self._lock:
-            image = self._entries.get(key)
+            image = self._lru.get(key)
             if image is None:
                 self.misses += 1
-                return None
-            self._entries.move_to_end(key)
-            self.hits += 1
+            else:
+                self.hits += 1
             return image
 
     def put(self, key: str, image: P) -> None:
         """Stores a processed image; nobody may write to its pixel_values afterwards."""
-        size = _size(image)
         with self._lock:
-            if size > self.max_bytes or key in self._entries:
-                return
-            while self.num_bytes + size > self.max_bytes:
-                _, evicted = self._entries.popitem(last=False)
-                self.num_bytes -= _size(evicted)
-            self._entries[key] = image
-            self.num_bytes += size
-
-
-def _size(image: _Processed) -> int:
-    pixels = image.pixel_values
-    return pixels.numel() * pixels.element_size()
+            self._lru.put(key, image)
