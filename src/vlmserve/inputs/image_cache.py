@@ -42,9 +42,14 @@ class ProcessedImageCache(Generic[P]):
         self.misses = 0
         self._lock = threading.Lock()
 
-    @staticmethod
-    def key(data: bytes, max_tiles: int) -> str:
-        return f"{hashlib.sha256(data).hexdigest()}|{max_tiles}"
+    @property
+    def enabled(self) -> bool:
+        return self._lru.max_bytes > 0
+
+    def key(self, data: bytes, max_tiles: int) -> str | None:
+        """The cache key of an image file's bytes under a tile budget; None when the cache stores
+        nothing (max_bytes 0), so that nobody hashes the bytes for a lookup that cannot hit."""
+        return f"{hashlib.sha256(data).hexdigest()}|{max_tiles}" if self.enabled else None
 
     @property
     def num_bytes(self) -> int:
@@ -53,16 +58,19 @@ class ProcessedImageCache(Generic[P]):
     def __len__(self) -> int:
         return len(self._lru)
 
-    def get(self, key: str) -> P | None:
+    def get(self, key: str | None) -> P | None:
+        """The image stored under key (None: the cache is off, a miss)."""
         with self._lock:
-            image = self._lru.get(key)
+            image = self._lru.get(key) if key is not None else None
             if image is None:
                 self.misses += 1
             else:
                 self.hits += 1
             return image
 
-    def put(self, key: str, image: P) -> None:
+    def put(self, key: str | None, image: P) -> None:
         """Stores a processed image; nobody may write to its pixel_values afterwards."""
+        if key is None:
+            return
         with self._lock:
             self._lru.put(key, image)

@@ -12,6 +12,7 @@ from PIL import Image
 from tests.unit.inputs.helpers import SMALL_TILE_CONFIG, data_url, encode_image
 from vlmserve.config import ServerConfig
 from vlmserve.errors import ImageLoadError
+from vlmserve.inputs import image_cache
 from vlmserve.inputs.image_cache import ProcessedImageCache
 from vlmserve.inputs.nemotron_vl import NemotronVLProcessor
 from vlmserve.inputs.preprocess import InputPreprocessor
@@ -53,9 +54,17 @@ def test_too_big_or_zero_budget_stores_nothing() -> None:
 
 
 def test_key_covers_the_bytes_and_the_tile_budget() -> None:
-    assert ProcessedImageCache.key(b"abc", 12) == ProcessedImageCache.key(b"abc", 12)
-    assert ProcessedImageCache.key(b"abc", 12) != ProcessedImageCache.key(b"abd", 12)
-    assert ProcessedImageCache.key(b"abc", 12) != ProcessedImageCache.key(b"abc", 1)
+    cache: ProcessedImageCache[_Image] = ProcessedImageCache(max_bytes=100)
+    assert cache.key(b"abc", 12) == cache.key(b"abc", 12)
+    assert cache.key(b"abc", 12) != cache.key(b"abd", 12)
+    assert cache.key(b"abc", 12) != cache.key(b"abc", 1)
+
+
+def test_off_has_no_key_and_every_lookup_misses() -> None:
+    off: ProcessedImageCache[_Image] = ProcessedImageCache(max_bytes=0)
+    assert off.key(b"abc", 12) is None
+    off.put(None, _entry(1))
+    assert off.get(None) is None and (off.hits, off.misses) == (0, 1)
 
 
 class _CountingProcessor(NemotronVLProcessor):
@@ -97,12 +106,23 @@ async def test_same_image_again_is_not_processed_again(tiny_tokenizer: Any) -> N
     await preprocessor.aclose()
 
 
-async def test_off_processes_every_time(tiny_tokenizer: Any) -> None:
+async def test_off_processes_every_time_without_hashing_the_file(
+    tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     preprocessor = _preprocessor(tiny_tokenizer, image_cache_bytes=0)
     url = data_url(encode_image(Image.new("RGB", (64, 64), (1, 2, 3))))
-    await _images(preprocessor, url)
-    await _images(preprocessor, url)
+    file_hashes: list[bytes] = []
+    real_sha256 = image_cache.hashlib.sha256
+
+    def recording_sha256(data: bytes = b"") -> Any:
+        file_hashes.append(data)
+        return real_sha256(data)
+
+    monkeypatch.setattr(image_cache.hashlib, "sha256", recording_sha256)
+    images = [(await _images(preprocessor, url))[0] for _ in range(2)]
     assert _CountingProcessor.calls == 2
+    assert images[0].content_hash == images[1].content_hash  # the pixels' hash is still taken
+    assert not [data for data in file_hashes if data.startswith(b"\x89PNG")]  # the file's is not
     await preprocessor.aclose()
 
 
