@@ -13,7 +13,8 @@ Training has two stages, both on data this script generates (vlmserve.demo.shape
 2. **Vision** (no language model). The RADIO tower and `mlp1` learn to produce that code from rendered
    pictures, preprocessed exactly as the server does (one 256-pixel tile): (a) the tower with
    per-token classifiers, (b) `mlp1` alone on the frozen tower's features, (c) both together,
-   (d) `mlp1` alone with the answer loss through the frozen language model.
+   (d) `mlp1` (and the tower with --answer-tower) with the answer loss through the frozen language
+   model.
 
 The pieces live in tools/demo_training/ (scene code and prompts, packed language model, training loop,
 vision stage); this script holds stage 1 and puts them together.
@@ -80,6 +81,12 @@ def main() -> None:
     parser.add_argument("--steps-answer", type=int, default=60, help="stage 2 (d): scenes-per-step each")
     parser.add_argument("--minutes-answer", type=float, default=4.5)
     parser.add_argument("--lr-answer", type=float, default=5e-4)
+    parser.add_argument(
+        "--answer-tower",
+        action="store_true",
+        help="stage 2 (d) trains the tower as well as mlp1 (not how the shipped weights were made; "
+        "docs/DEMO_MODEL.md gives what it measured)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -87,8 +87,8 @@ def train_vision(
     steps that each learn fast: (a) the tower alone, with per-token classifiers (the colour and kind
     of the token's quadrant, the shape count, the token's place) on its shuffled features; (b) mlp1
     alone, on the frozen tower's features computed once, regressing to the code; (c) both together
-    with all the losses; (d) mlp1 alone with the answer loss through the frozen language model. The
-    classifiers are dropped after training."""
+    with all the losses; (d) mlp1 (and the tower with --answer-tower) with the answer loss through
+    the frozen language model. The classifiers are dropped after training."""
     grid = math.isqrt(builder.processor.tokens_per_tile)
     targets = CodeTargets(code, grid, args.code_temperature)
     rng = random.Random(args.seed + 1000)
@@ -203,15 +203,19 @@ def train_vision(
     )
     model.eval().requires_grad_(False)
     held_out_check(model, targets, held_scenes, held_pixels, "after joint")
-    # (d) mlp1 alone with the answer loss through the frozen language model: the code as the
-    # language model reads it from the tower's real, imperfect features
+    # (d) the answer loss through the frozen language model: the code as the language model reads it
+    # from the tower's real, imperfect features (which, with --answer-tower, the tower adapts too)
     packed = packed_lm(model, builder, args)
-    model.mlp1.requires_grad_(True)
-    optimizer = torch.optim.AdamW(model.mlp1.parameters(), lr=args.lr_answer, weight_decay=0.01)
+    answer_params = [*model.mlp1.parameters(), *(tower if args.answer_tower else [])]
+    for p in answer_params:
+        p.requires_grad_(True)
+    if args.answer_tower:
+        model.vision_model.train()
+    optimizer = torch.optim.AdamW(answer_params, lr=args.lr_answer, weight_decay=0.01)
     questions_rng = random.Random(args.seed + 2000)
 
     def answer_loss(batch: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
-        with torch.no_grad():
+        with torch.set_grad_enabled(args.answer_tower):
             features = model.shuffled_features(pixels[batch].float()).view(len(batch), grid * grid, -1)
         examples = [
             [builder.example(scenes[i], q) for q in shapes.questions(scenes[i], questions_rng)]
@@ -229,7 +233,7 @@ def train_vision(
         shuffled_batches(len(scenes), args.steps_answer, args.scenes_per_step, generator),
         answer_loss,
     )
-    model.mlp1.requires_grad_(False)
+    model.eval().requires_grad_(False)
     held_out_check(model, targets, held_scenes, held_pixels, "after answer")
     check = random.Random(args.seed + 700)
     answers_out = []

@@ -61,6 +61,13 @@ def test_tiny_run_writes_loadable_weights_reproducibly(tmp_path: Path) -> None:
     with safe_open(str(one_go), "pt") as f:
         assert f.metadata()["seed"] == "1"
 
+    # --answer-tower: phase (d) trains the tower too (the other phases are as in the rerun)
+    tower_too = tmp_path / "tower-too.safetensors"
+    _train(f"--out={tower_too}", f"--code-from={saved}", "--answer-tower")
+    changed = load_file(tower_too)
+    tower = [k for k in written if k.startswith("vision_model.")]
+    assert tower and any(not torch.equal(changed[k], again[k]) for k in tower)
+
     # the server's own assembly accepts the file
     model_dir = tmp_path / "model"
     default_model.build_default_model(model_dir, vision_weights=one_go)
