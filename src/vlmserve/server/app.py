@@ -26,6 +26,7 @@ import vlmserve
 from vlmserve.config import ServerConfig
 from vlmserve.server.errors import install_error_handlers
 from vlmserve.server.middleware import install_middleware
+from vlmserve.server.openapi import install_openapi
 from vlmserve.server.routes import AppState, router
 from vlmserve.server.routes_assets import router as assets_router
 from vlmserve.server.routes_tokenize import router as tokenize_router
@@ -85,6 +86,7 @@ def create_app(
     app.include_router(router)
     app.include_router(assets_router)
     app.include_router(tokenize_router)
+    install_openapi(app, config)
     return app
 
 

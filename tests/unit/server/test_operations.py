@@ -69,6 +69,29 @@ async def test_exempt_paths_are_configurable(
         assert (await client.get("/v1/metrics")).status_code == 401
 
 
+async def test_openapi_documents_the_key_and_the_body_limit(
+    make_client: Callable[..., Any], model_server: FakeModelServer
+) -> None:
+    auth = {"Authorization": f"Bearer {KEY}"}
+    async with _client(make_client, model_server, api_key=KEY) as client:
+        schema = (await client.get("/openapi.json", headers=auth)).json()
+    chat = schema["paths"]["/v1/chat/completions"]["post"]
+    assert {"401", "413"} <= set(chat["responses"])
+    assert chat["responses"]["401"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorResponse")
+    assert chat["security"] == [{"bearerAuth": []}]
+    assert schema["components"]["securitySchemes"]["bearerAuth"] == {"type": "http", "scheme": "bearer"}
+    models = schema["paths"]["/v1/models"]["get"]
+    assert "401" in models["responses"] and "413" not in models["responses"]  # no body to refuse
+    live = schema["paths"]["/v1/health/live"]["get"]  # exempt: open, no 401
+    assert "401" not in live["responses"] and "security" not in live
+    # without a key: no 401 and no security scheme, the body limit is still there
+    async with _client(make_client, model_server) as client:
+        open_schema = (await client.get("/openapi.json")).json()
+    open_chat = open_schema["paths"]["/v1/chat/completions"]["post"]
+    assert "413" in open_chat["responses"] and "401" not in open_chat["responses"]
+    assert "securitySchemes" not in open_schema.get("components", {})
+
+
 # ---------------------------------------------------------------------------------------- body limit
 
 
