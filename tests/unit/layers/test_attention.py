@@ -130,6 +130,8 @@ def test_paged_mixed_batch_matches_reference(mode: str, num_kv_heads: int, group
     block_size, head_dim = 4, 8
     spec = KVCacheSpec(num_layers=1, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=torch.float32)
     pool = PagedKVCache.allocate(spec, 256, block_size, device="cpu")
+    for cache in (*pool.key_cache, *pool.value_cache):  # allocated uninitialised: garbage may be NaN
+        cache[1:].fill_(float("nan"))
     free = list(range(1, 256))
     long = MAX_GATHERED_DECODE_LEN
     # (context before this step, tokens this step): decodes, then a later chunk and a first chunk
@@ -149,6 +151,7 @@ def test_paged_mixed_batch_matches_reference(mode: str, num_kv_heads: int, group
             blocks = rng.sample(free, num_blocks)
         for b in blocks:
             free.remove(b)
+        pool.zero_blocks(blocks)  # as the runner does when it hands blocks to a request
         states.append(
             CachedRequestState(f"r{i}", list(range(total)), total, SamplingParams(), [], blocks, num_computed)
         )
